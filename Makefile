@@ -1,0 +1,43 @@
+# sm — make setup | make test | make demo
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Where tests and the demo run: directly on hardware KVM, in the test bed otherwise
+# (`python` there is this venv's, or the test bed's own).
+WHERE := $(PY) -m tests.testbed auto --
+
+# Debian/Ubuntu packages: building guests and images, and the test bed.
+APT_PACKAGES := gcc libffi-dev linux-libc-dev busybox-static kmod cpio e2fsprogs erofs-utils \
+	acpica-tools mmdebstrap qemu-system-x86
+
+.PHONY: setup system-packages test demo clean
+
+setup: system-packages $(VENV)/.installed
+
+system-packages:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		echo "setup: installing" $$missing; \
+		$(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml setup.py vmm/_build_kvm.py
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $@
+
+test: setup
+	$(PY) -m pytest tests/testbed
+	$(WHERE) python -m pytest --ignore=tests/testbed $(PYTEST_ARGS)
+
+demo: setup
+	$(WHERE) python -m vmm.cli boot --cpus 2 --init-cmd 'nproc; uname -r; head -n1 /proc/meminfo'
+
+clean:
+	rm -rf $(VENV) build *.egg-info vmm/_kvm_cffi*.so

@@ -1,0 +1,1 @@
+"""The sm Jupyter kernel: every cell runs inside a microVM."""

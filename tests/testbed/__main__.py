@@ -1,0 +1,63 @@
+"""python -m tests.testbed {build,run,auto} — see docs/testbed.md."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from vmm import hostkvm
+
+from . import image, runner
+
+
+def _testbed_wanted() -> tuple[bool, str]:
+    forced = os.environ.get("SM_TESTBED")
+    if forced in ("0", "1"):
+        return forced == "1", f"SM_TESTBED={forced}"
+    kvm = hostkvm.probe()
+    return not kvm.usable, kvm.reason
+
+
+def _run_in_testbed(args: argparse.Namespace) -> int:
+    bed = image.build()
+    try:
+        return runner.run(bed, args.command, memory_mib=args.memory, timeout=args.timeout,
+                          boot_timeout=args.boot_timeout)
+    except runner.TestbedError as error:
+        print(f"testbed: {error}", file=sys.stderr, flush=True)
+        return error.status
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.testbed")
+    commands = parser.add_subparsers(dest="action", required=True)
+    build = commands.add_parser("build", help="build (or find cached) the test bed image")
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    for name, text in (("run", "run CMD inside the test bed"),
+                       ("auto", "run CMD directly if this host's KVM runs guests, else in the test bed")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--memory", type=int, default=4096, metavar="MiB")
+        sub.add_argument("--timeout", type=float, default=3600, metavar="S",
+                         help="limit on the command's run time")
+        sub.add_argument("--boot-timeout", type=float, default=300, metavar="S")
+        sub.add_argument("command", nargs="+", metavar="CMD")
+    args = parser.parse_args(argv)
+
+    if args.action == "build":
+        print(image.build(force=args.force).directory)
+        return 0
+    if args.action == "auto":
+        wanted, why = _testbed_wanted()
+        if not wanted:
+            print(f"testbed: not needed ({why}); running directly", file=sys.stderr, flush=True)
+            # `python` in CMD means the interpreter running us (the project venv's).
+            path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+            return subprocess.run(args.command, env={**os.environ, "PATH": path}).returncode
+        print(f"testbed: needed ({why})", file=sys.stderr, flush=True)
+    return _run_in_testbed(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

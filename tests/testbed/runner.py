@@ -1,0 +1,171 @@
+"""Boot the test bed under QEMU TCG and run one command inside it.
+
+The command's output streams to our stdout as it runs; its exit status becomes
+ours. QEMU never outlives the runner (it gets SIGKILL when we die), and every
+way of not finishing ends with one ``testbed:`` line and a non-zero status.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from vmm.paths import sm_home
+
+from .image import VENV, TestbedImage
+
+# Exit statuses of our own, beside the command's.
+EXIT_TIMEOUT = 124
+EXIT_TESTBED_FAILED = 125
+
+READY_MARKER = b"testbed: ready"
+PASSED_ENVIRONMENT = ("CI", "PYTEST_ADDOPTS", "TERM")
+_PR_SET_PDEATHSIG = 1
+
+
+class TestbedError(Exception):
+    """The test bed could not run the command; the message is the one line to show."""
+
+    def __init__(self, message: str, status: int = EXIT_TESTBED_FAILED):
+        super().__init__(message)
+        self.status = status
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _host_tsc_khz() -> int:
+    """The host's TSC rate: under TCG the guest's TSC runs at it, and telling
+    the guest avoids calibrating against the emulated PIT (which can hang)."""
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("cpu MHz"):
+                return int(float(line.split(":")[1]) * 1000)
+    raise TestbedError("cannot read the host CPU frequency from /proc/cpuinfo")
+
+
+def _shares(run_dir: Path, project: Path) -> dict[str, Path]:
+    """9p mount tag → host directory shared at the same path inside."""
+    home = sm_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return {"testbed-run": run_dir, "project": project, "smhome": home}
+
+
+def _job_script(command: list[str], project: Path, shares: dict[str, Path]) -> str:
+    lines = ["set -e"]
+    for tag, path in shares.items():
+        if tag == "testbed-run":
+            continue
+        lines.append(f"mkdir -p {shlex.quote(str(path))}")
+        lines.append(f"mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 {tag} "
+                     f"{shlex.quote(str(path))}")
+    site = f"{VENV}/lib/python3*/site-packages"
+    lines += [
+        f"echo {shlex.quote(str(project))} > $(echo {site})/sm-project.pth",
+        f"export VIRTUAL_ENV={VENV} PATH={VENV}/bin:$PATH",
+        f"export SM_HOME={shlex.quote(str(shares['smhome']))} SM_IN_TESTBED=1",
+    ]
+    if not sys.stdout.isatty():
+        lines.append("export PY_COLORS=0 NO_COLOR=1")
+    for name in PASSED_ENVIRONMENT:
+        if name in os.environ:
+            lines.append(f"export {name}={shlex.quote(os.environ[name])}")
+    lines += [f"cd {shlex.quote(str(project))}", "set +e", shlex.join(command)]
+    return "\n".join(lines) + "\n"
+
+
+def qemu_command(image: TestbedImage, shares: dict[str, Path], console_log: Path,
+                 memory_mib: int) -> list[str]:
+    argv = [
+        "qemu-system-x86_64", "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2",
+        "-m", str(memory_mib), "-nodefaults", "-no-user-config", "-display", "none",
+        # ttyS0 is the guest kernel's console (kept in a file, shown when things go
+        # wrong); ttyS1 carries only the command's output to our stdout.
+        "-serial", f"file:{console_log}", "-serial", "stdio", "-no-reboot",
+        "-kernel", str(image.kernel), "-initrd", str(image.initrd),
+        "-append", f"console=ttyS0 quiet loglevel=3 panic=-1 tsc_early_khz={_host_tsc_khz()}",
+        "-drive", f"if=none,id=root,file={image.root_disk},format=raw,snapshot=on",
+        "-device", "virtio-blk-pci,drive=root",
+    ]
+    for index, (tag, path) in enumerate(shares.items()):
+        argv += ["-fsdev", f"local,id=fs{index},path={path},security_model=none",
+                 "-device", f"virtio-9p-pci,fsdev=fs{index},mount_tag={tag}"]
+    return argv
+
+
+def _show_console_tail(console_log: Path, lines: int = 40) -> None:
+    if console_log.exists():
+        tail = console_log.read_bytes().replace(b"\r", b"").decode(errors="replace")
+        print("".join(tail.splitlines(keepends=True)[-lines:]), file=sys.stderr, flush=True)
+
+
+def _stream(qemu: subprocess.Popen, boot_timeout: float, timeout: float) -> None:
+    """Copy QEMU's console to stdout until it exits, enforcing both deadlines."""
+    started = time.monotonic()
+    deadline = started + boot_timeout
+    booted_at = 0.0
+    seen = b""
+    out = sys.stdout.buffer
+    fd = qemu.stdout.fileno()
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            if booted_at:
+                raise TestbedError(f"the command ran past its timeout of {timeout:.0f} s; "
+                                   "stopped the test bed", EXIT_TIMEOUT)
+            raise TestbedError(f"the test bed did not boot within {boot_timeout:.0f} s "
+                               "(its console is above)")
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if not ready:
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return
+        out.write(chunk.replace(b"\r", b""))
+        out.flush()
+        if not booted_at:
+            seen = (seen + chunk)[-4096:]
+            if READY_MARKER in seen:
+                booted_at = time.monotonic()
+                deadline = booted_at + timeout
+                print(f"testbed: booted in {booted_at - started:.1f} s", file=sys.stderr,
+                      flush=True)
+
+
+def run(image: TestbedImage, command: list[str], memory_mib: int = 4096,
+        timeout: float = 3600.0, boot_timeout: float = 300.0,
+        project: Path | None = None) -> int:
+    """Run ``command`` in the test bed and return its exit status."""
+    project = (project or Path.cwd()).resolve()
+    with tempfile.TemporaryDirectory(prefix="testbed-run-") as run_name:
+        run_dir = Path(run_name)
+        shares = _shares(run_dir, project)
+        (run_dir / "job.sh").write_text(_job_script(command, project, shares))
+        console_log = run_dir / "console.log"
+        qemu = subprocess.Popen(qemu_command(image, shares, console_log, memory_mib), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent)
+        try:
+            _stream(qemu, boot_timeout, timeout)
+        except TestbedError:
+            _show_console_tail(console_log)
+            raise
+        finally:
+            if qemu.poll() is None:
+                qemu.kill()
+            qemu.wait()
+        status_file = run_dir / "status"
+        if not status_file.exists():
+            _show_console_tail(console_log)
+            raise TestbedError(f"the test bed stopped before the command finished "
+                               f"(QEMU exit status {qemu.returncode}; its console is above)")
+        return int(status_file.read_text().strip() or EXIT_TESTBED_FAILED)

@@ -1,0 +1,1 @@
+"""sm's virtual machine monitor: boots Linux microVMs on KVM from Python."""

@@ -1,0 +1,14 @@
+"""Where sm keeps its caches on the user's machine, and where its shipped data lives."""
+
+import os
+from pathlib import Path
+
+
+def sm_home() -> Path:
+    """``$SM_HOME``, or ``~/.cache/sm``."""
+    return Path(os.environ.get("SM_HOME") or Path.home() / ".cache" / "sm")
+
+
+def share_dir() -> Path:
+    """The project's ``share/`` folder (guest init, recipes), next to the ``vmm`` package."""
+    return Path(__file__).resolve().parent.parent / "share"
