@@ -439,6 +439,9 @@ class Vcpu:
         """Enter the guest until the next exit, and decode it."""
         self._thread_id = threading.get_ident()
         result = lib.sm_ioctl_int(self.fd, lib.KVM_RUN, 0)
+        # An AP waiting for INIT/SIPI returns EAGAIN when it wakes: enter again.
+        while result == -errno.EAGAIN:
+            result = lib.sm_ioctl_int(self.fd, lib.KVM_RUN, 0)
         if result < 0:
             if result == -errno.EINTR:
                 # Clear before the caller looks at why it was kicked: a later kick sets it again.
