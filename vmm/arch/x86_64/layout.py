@@ -38,6 +38,7 @@ KVM_TSS_START = 0xFFFBD000
 # Legacy I/O ports and interrupt lines (GSIs on the in-kernel IOAPIC).
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
+CMOS_RTC_PORT = 0x70              # index at 0x70, data at 0x71
 I8042_DATA_PORT = 0x60
 I8042_COMMAND_PORT = 0x64
 ACPI_SLEEP_CONTROL_PORT = 0x600   # FADT sleep control/status registers (hardware-reduced ACPI)
