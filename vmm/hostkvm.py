@@ -31,7 +31,7 @@ def probe() -> HostKvm:
         return HostKvm(False, f"no permission on {KVM_DEVICE}: add your user to the 'kvm' group")
     if os.path.isdir("/sys/module/kvm_pvm"):
         return HostKvm(False, f"{KVM_DEVICE} is kvm_pvm (a software hypervisor that runs only "
-                              "PVM-built guest kernels)")
+                              "PVM-built guest kernels): use a host with hardware KVM (VMX/SVM)")
     flags = _cpu_flags()
     if not flags & {"vmx", "svm"}:
         return HostKvm(False, "the CPU shows no hardware virtualization (vmx/svm)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.boot_images import debian_kernel, make_bzimage  # noqa: F401  (fixture)
+from tests.unit.boot_images import make_bzimage
 from vmm.arch.x86_64 import layout
 from vmm.arch.x86_64.bootparam_abi import XLF_KERNEL_64
 from vmm.arch.x86_64.bzimage import (
@@ -35,8 +35,8 @@ def write(tmp_path, data: bytes, name: str = "vmlinuz"):
 
 # --- the real Debian kernel -------------------------------------------------
 
-def test_debian_kernel_header(debian_kernel):
-    image = parse_bzimage(debian_kernel)
+def test_debian_kernel_header(debian_vmlinuz):
+    image = parse_bzimage(debian_vmlinuz)
     header = image.header
     assert header.version >= 0x020C
     assert header.xloadflags & XLF_KERNEL_64
@@ -49,9 +49,9 @@ def test_debian_kernel_header(debian_kernel):
     assert image.header_bytes[0x202 - 0x1F1:0x206 - 0x1F1] == b"HdrS"
 
 
-def test_load_debian_kernel(debian_kernel, memory):
-    kernel = load_kernel(memory, debian_kernel)
-    data = debian_kernel.read_bytes()
+def test_load_debian_kernel(debian_vmlinuz, memory):
+    kernel = load_kernel(memory, debian_vmlinuz)
+    data = debian_vmlinuz.read_bytes()
     image = kernel.image
     assert kernel.load_address == layout.HIGH_MEMORY_START
     assert kernel.entry_point == layout.HIGH_MEMORY_START + 0x200
@@ -61,11 +61,11 @@ def test_load_debian_kernel(debian_kernel, memory):
     assert kernel.end == 16 * MIB + image.header.init_size
 
 
-def test_debian_kernel_needs_ram_for_decompression(debian_kernel):
+def test_debian_kernel_needs_ram_for_decompression(debian_vmlinuz):
     mem = GuestMemory(layout.ram_layout(32 * MIB))
     try:
         with pytest.raises(KernelDoesNotFit, match="decompresses"):
-            load_kernel(mem, debian_kernel)
+            load_kernel(mem, debian_vmlinuz)
     finally:
         mem.close()
 
@@ -89,7 +89,7 @@ def test_setup_sects_zero_means_four(tmp_path):
 @pytest.mark.parametrize("data", [b"", b"#!/bin/sh\necho hello\n", b"\x7fELF" + bytes(4096)])
 def test_not_a_bzimage(tmp_path, data):
     path = write(tmp_path, data, "not-a-kernel")
-    with pytest.raises(NotABzImage, match=f"^{path}: "):
+    with pytest.raises(NotABzImage, match=f"^{path} is not a Linux bzImage "):
         parse_bzimage(path)
 
 

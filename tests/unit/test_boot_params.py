@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import shutil
-import subprocess
 import struct
+import subprocess
 
 import pytest
 
-from tests.unit.boot_images import debian_kernel, make_bzimage  # noqa: F401  (fixture)
+from tests.unit.boot_images import make_bzimage
 from vmm.arch.x86_64 import layout
 from vmm.arch.x86_64.bootparam_abi import BootParams, SetupHeader
 from vmm.arch.x86_64.bootparams import (
@@ -205,10 +205,10 @@ def test_command_line_with_nul_refused(synthetic_kernel):
         write_boot_params(mem, kernel, b"root=/dev/vda\0init=/bin/sh")
 
 
-def test_debian_kernel_boot_params(debian_kernel):
+def test_debian_kernel_boot_params(debian_vmlinuz):
     mem = GuestMemory(layout.ram_layout(512 * MIB))
     try:
-        kernel = load_kernel(mem, debian_kernel)
+        kernel = load_kernel(mem, debian_vmlinuz)
         initrd = b"\x1f\x8b" + bytes(3 * MIB)
         info = write_boot_params(mem, kernel, "console=ttyS0 reboot=k panic=1", initrd)
         header = SetupHeader.from_buffer_copy(mem.read(ZP + 0x1F1, ctypes.sizeof(SetupHeader)))

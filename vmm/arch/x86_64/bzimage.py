@@ -44,7 +44,8 @@ class NotABzImage(BzImageError):
     """The file is not a (well-formed) bzImage."""
 
     def __init__(self, path: str | os.PathLike, reason: str):
-        super().__init__(f"{os.fspath(path)}: {reason}")
+        super().__init__(f"{os.fspath(path)} is not a Linux bzImage ({reason}); pass a kernel "
+                         "such as /boot/vmlinuz-*")
 
 
 class UnsupportedBootProtocol(BzImageError):

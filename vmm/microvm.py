@@ -1,0 +1,252 @@
+"""A running x86_64 microVM: KVM, guest RAM, the boot data, devices and vCPU threads.
+
+:class:`MicroVm` wires the parts together and knows when the guest has stopped
+and why. It does not know about images, agents or Jupyter.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmm.arch.x86_64 import layout
+from vmm.arch.x86_64.acpi import write_acpi_tables
+from vmm.arch.x86_64.bootparams import write_boot_params
+from vmm.arch.x86_64.bzimage import load_kernel
+from vmm.arch.x86_64.cpu import setup_boot_vcpu
+from vmm.devices.bus import Bus
+from vmm.devices.legacy import ACPI_PORT_SPAN, I8042, I8042_PORT_SPAN, AcpiSleepPorts
+from vmm.devices.rtc import PORT_SPAN as RTC_PORT_SPAN
+from vmm.devices.rtc import CmosRtc
+from vmm.devices.serial import Serial
+from vmm.devices.virtio.blk import Block
+from vmm.devices.virtio.device import VirtioDevice
+from vmm.devices.virtio.mmio import REG_QUEUE_NOTIFY, MmioTransport
+from vmm.kvm import Kvm
+from vmm.memory import GuestMemory
+from vmm.vcpu import StopKind, StopReason, VcpuThread
+
+SERIAL_PORT_SPAN = 8
+PANIC_MARKER = b"Kernel panic - not syncing"
+CONSOLE_TAIL_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class Disk:
+    path: Path
+    read_only: bool = True
+
+
+@dataclass
+class MicroVmConfig:
+    kernel: Path
+    cmdline: str
+    initrd: Path | None = None
+    cpus: int = 1
+    memory_mib: int = 512
+    disks: list[Disk] = field(default_factory=list)
+    console: Callable[[bytes], None] = lambda data: None
+
+
+class GuestStopped(Exception):
+    """How a guest ended: ``reason.kind`` says poweroff, reboot, panic, crash…"""
+
+    def __init__(self, reason: StopReason):
+        super().__init__(f"{reason.kind.value}{': ' + reason.detail if reason.detail else ''}")
+        self.reason = reason
+
+
+class _IrqLine:
+    """Raising a guest interrupt line from any thread: a write to an irqfd."""
+
+    def __init__(self, vm, gsi: int):
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        vm.irqfd(self.fd, gsi)
+
+    def __call__(self) -> None:
+        os.eventfd_write(self.fd, 1)
+
+
+class _QueueNotifier(threading.Thread):
+    """Turns guest QueueNotify writes (caught in the kernel by ioeventfds) into
+    ``transport.notify(queue)`` calls, so the vCPU never leaves the guest for them."""
+
+    def __init__(self):
+        super().__init__(name="virtio-notify", daemon=True)
+        self._epoll = select.epoll()
+        self._targets: dict[int, tuple[MmioTransport, int]] = {}
+        self._wakeup = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._epoll.register(self._wakeup, select.EPOLLIN)
+        self._stopping = False
+
+    def watch(self, vm, transport: MmioTransport, base: int, queues: int) -> None:
+        for queue in range(queues):
+            fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            vm.ioeventfd(fd, base + REG_QUEUE_NOTIFY, 4, datamatch=queue)
+            self._targets[fd] = (transport, queue)
+            self._epoll.register(fd, select.EPOLLIN)
+
+    def run(self) -> None:
+        while not self._stopping:
+            for fd, _ in self._epoll.poll():
+                if fd == self._wakeup:
+                    continue
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    continue
+                transport, queue = self._targets[fd]
+                transport.notify(queue)
+
+    def stop(self) -> None:
+        self._stopping = True
+        os.eventfd_write(self._wakeup, 1)
+        if self.is_alive():
+            self.join()
+        for fd in (*self._targets, self._wakeup):
+            os.close(fd)
+        self._epoll.close()
+
+
+class MicroVm:
+    """Build with a config, :meth:`start`, then :meth:`wait` for the guest to stop."""
+
+    def __init__(self, config: MicroVmConfig):
+        if config.cpus < 1 or config.memory_mib < 64:
+            raise ValueError("a guest needs at least 1 vCPU and 64 MiB of memory")
+        self.config = config
+        self._stopped = threading.Event()
+        self._stop_reason: StopReason | None = None
+        self._console_tail = b""
+        self._closers: list[Callable[[], None]] = []
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- building ---------------------------------------------------------------
+
+    def _build(self) -> None:
+        config = self.config
+        self.kvm = Kvm()
+        self._closers.append(self.kvm.close)
+        self.vm = self.kvm.create_vm()
+        self._closers.append(self.vm.close)
+        self.vm.set_tss_address(layout.KVM_TSS_START)
+        self.vm.set_identity_map_address(layout.KVM_IDENTITY_MAP_START)
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+
+        self.memory = GuestMemory(layout.ram_layout(config.memory_mib << 20))
+        self._closers.append(self.memory.close)
+        self.vm.map_memory(self.memory)
+
+        kernel = load_kernel(self.memory, config.kernel)
+        initrd = Path(config.initrd).read_bytes() if config.initrd else None
+        write_boot_params(self.memory, kernel, config.cmdline, initrd)
+
+        self.pio_bus = Bus("pio")
+        self.mmio_bus = Bus("mmio")
+        self.serial = Serial(self._on_console, self._irq_line(layout.COM1_IRQ))
+        self.pio_bus.register(layout.COM1_PORT, SERIAL_PORT_SPAN, self.serial)
+        self.pio_bus.register(layout.CMOS_RTC_PORT, RTC_PORT_SPAN, CmosRtc())
+        self.pio_bus.register(layout.I8042_DATA_PORT, I8042_PORT_SPAN,
+                              I8042(on_reset=lambda: self._guest_request(StopKind.REBOOT)))
+        self.pio_bus.register(layout.ACPI_SLEEP_CONTROL_PORT, ACPI_PORT_SPAN, AcpiSleepPorts(
+            on_poweroff=lambda: self._guest_request(StopKind.POWEROFF),
+            on_reset=lambda: self._guest_request(StopKind.REBOOT)))
+
+        self._notifier = _QueueNotifier()
+        self._closers.append(self._notifier.stop)
+        self.virtio_devices: list[VirtioDevice] = []
+        for disk in config.disks:
+            block = Block(disk.path, read_only=disk.read_only)
+            self._closers.append(block.close)
+            self._add_virtio(block)
+        write_acpi_tables(self.memory, config.cpus,
+                          [layout.virtio_mmio_slot(i) for i in range(len(self.virtio_devices))])
+
+        self.vcpus = []
+        for index in range(config.cpus):
+            vcpu = self.vm.create_vcpu(index)
+            self._closers.append(vcpu.close)
+            setup_boot_vcpu(vcpu, self.kvm, self.memory, index, config.cpus, kernel.entry_point)
+            self.vcpus.append(VcpuThread(vcpu, self.pio_bus, self.mmio_bus, self._on_vcpu_exit))
+
+    def _irq_line(self, gsi: int) -> _IrqLine:
+        line = _IrqLine(self.vm, gsi)
+        self._closers.append(lambda: os.close(line.fd))
+        return line
+
+    def _add_virtio(self, device: VirtioDevice) -> None:
+        base, gsi = layout.virtio_mmio_slot(len(self.virtio_devices))
+        transport = MmioTransport(device, self.memory, self._irq_line(gsi))
+        self.mmio_bus.register(base, layout.VIRTIO_MMIO_SIZE, transport)
+        self._notifier.watch(self.vm, transport, base, len(device.queue_max_sizes))
+        self.virtio_devices.append(device)
+
+    # ---- events from the guest (vCPU and device threads) ------------------------
+
+    def _on_console(self, data: bytes) -> None:
+        self._console_tail = (self._console_tail + data)[-CONSOLE_TAIL_BYTES:]
+        self.config.console(data)
+
+    def _guest_request(self, kind: StopKind) -> None:
+        # A reboot right after a panic (panic=-1) is the panic: say so.
+        if kind is StopKind.REBOOT and PANIC_MARKER in self._console_tail:
+            tail = self._console_tail[self._console_tail.rfind(PANIC_MARKER):]
+            detail = tail.split(b"\n", 1)[0].decode(errors="replace").strip()
+            self._finish(StopReason(StopKind.CRASH, -1, detail))
+        else:
+            self._finish(StopReason(kind, -1))
+
+    def _on_vcpu_exit(self, reason: StopReason) -> None:
+        self._finish(reason)
+
+    def _finish(self, reason: StopReason) -> None:
+        if self._stop_reason is None:
+            self._stop_reason = reason
+        self._stopped.set()  # the owner, in wait(), stops the vCPUs
+
+    # ---- owner side --------------------------------------------------------------
+
+    @property
+    def console_tail(self) -> bytes:
+        """The last few KiB the guest wrote to its console."""
+        return self._console_tail
+
+    def start(self) -> None:
+        self._notifier.start()
+        for thread in self.vcpus:
+            thread.start()
+
+    def wait(self, timeout: float | None = None) -> StopReason | None:
+        """The reason the guest stopped, or None if it still runs after ``timeout`` s."""
+        if not self._stopped.wait(timeout):
+            return None
+        for thread in self.vcpus:
+            thread.stop()
+        return self._stop_reason
+
+    def stop(self) -> None:
+        self._finish(StopReason(StopKind.POWEROFF, -1, "stopped by the host"))
+        self.wait()
+
+    def close(self) -> None:
+        """Stop the guest if it runs and release every host resource, in reverse order."""
+        if getattr(self, "vcpus", None):
+            for thread in self.vcpus:
+                thread.stop()
+        while self._closers:
+            self._closers.pop()()
+
+    def __enter__(self) -> MicroVm:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
