@@ -15,8 +15,17 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vmm.kvm import (
-    FailEntryExit, HltExit, InternalErrorExit, IntrExit, IoExit, MmioExit, OtherExit,
-    ShutdownExit, SystemEventExit, Vcpu, lib,
+    FailEntryExit,
+    HltExit,
+    InternalErrorExit,
+    IntrExit,
+    IoExit,
+    MmioExit,
+    OtherExit,
+    ShutdownExit,
+    SystemEventExit,
+    Vcpu,
+    lib,
 )
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@ import pytest
 
 from vmm.arch.x86_64 import layout
 from vmm.devices.bus import Bus
-from vmm.devices.legacy import ACPI_PORT_SPAN, I8042_PORT_SPAN, AcpiSleepPorts, I8042
+from vmm.devices.legacy import ACPI_PORT_SPAN, I8042, I8042_PORT_SPAN, AcpiSleepPorts
 
 
 class Machine:

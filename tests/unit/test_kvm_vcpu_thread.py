@@ -5,8 +5,16 @@ import threading
 import pytest
 
 from vmm.kvm import (
-    FailEntryExit, HltExit, InternalErrorExit, IntrExit, IoExit, MmioExit, OtherExit,
-    ShutdownExit, SystemEventExit, lib,
+    FailEntryExit,
+    HltExit,
+    InternalErrorExit,
+    IntrExit,
+    IoExit,
+    MmioExit,
+    OtherExit,
+    ShutdownExit,
+    SystemEventExit,
+    lib,
 )
 from vmm.vcpu import StopKind, StopReason, VcpuThread
 

@@ -2,7 +2,12 @@ import pytest
 
 from tests.unit.virtio_driver import FakeDriver
 from vmm.devices.virtio import mmio
-from vmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, VirtioDevice, feature
+from vmm.devices.virtio.device import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_VERSION_1,
+    VirtioDevice,
+    feature,
+)
 from vmm.devices.virtio.errors import VirtioError
 from vmm.devices.virtio.mmio import MmioTransport
 from vmm.memory import GuestMemory

@@ -18,7 +18,12 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from vmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, VirtioDevice, feature
+from vmm.devices.virtio.device import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_VERSION_1,
+    VirtioDevice,
+    feature,
+)
 from vmm.devices.virtio.errors import VirtioError
 from vmm.devices.virtio.queue import Queue
 from vmm.memory import GuestMemory
