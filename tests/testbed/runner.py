@@ -73,6 +73,7 @@ def _job_script(command: list[str], project: Path, shares: dict[str, Path]) -> s
         f"echo {shlex.quote(str(project))} > $(echo {site})/sm-project.pth",
         f"export VIRTUAL_ENV={VENV} PATH={VENV}/bin:$PATH",
         f"export SM_HOME={shlex.quote(str(shares['smhome']))} SM_IN_TESTBED=1",
+        "export PYTHONUNBUFFERED=1",  # stream Python's output as it comes, not at exit
     ]
     if not sys.stdout.isatty():
         lines.append("export PY_COLORS=0 NO_COLOR=1")

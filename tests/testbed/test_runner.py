@@ -41,9 +41,9 @@ def test_a_failing_test_inside_fails_the_run_with_its_output():
     assert result.returncode == 1
 
 
-def test_the_exit_status_of_the_command_comes_back():
-    result = run_testbed("--", "sh", "-c", "echo inside $(hostname); exit 7")
-    assert "inside testbed" in result.stdout
+def test_all_output_and_the_exit_status_of_the_command_come_back():
+    result = run_testbed("--", "sh", "-c", "seq 1 5000; echo inside $(hostname); exit 7")
+    assert result.stdout.splitlines()[-5001:] == [*map(str, range(1, 5001)), "inside testbed"]
     assert result.returncode == 7
 
 
