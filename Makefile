@@ -10,7 +10,8 @@ WHERE := $(PY) -m tests.testbed auto --
 
 # Debian/Ubuntu packages: building guests and images, and the test bed.
 APT_PACKAGES := gcc libffi-dev linux-libc-dev busybox-static kmod cpio e2fsprogs erofs-utils \
-	acpica-tools gpgv debian-archive-keyring mmdebstrap qemu-system-x86
+	acpica-tools gpgv debian-archive-keyring mmdebstrap qemu-system-x86 \
+	docker-registry skopeo apache2-utils openssl
 
 .PHONY: setup system-packages test demo clean
 

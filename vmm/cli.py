@@ -1,4 +1,4 @@
-"""The ``sm`` command: ``sm doctor`` and ``sm boot``.
+"""The ``sm`` command: ``sm doctor``, ``sm boot`` and the image commands.
 
 Errors a user can hit end with one ``sm: ...`` line saying what happened and
 what to do, and a non-zero status (125 when sm itself could not run the guest,
@@ -21,6 +21,8 @@ from vmm.guest.cmdline import init_cmd_arg, parse_exit_status
 from vmm.guest.debian import DebianError
 from vmm.guest.initramfs import InitramfsError, build_initramfs, find_busybox
 from vmm.guest.kernel import KernelError, cached_kernel, ensure_kernel
+from vmm.images import ImageError
+from vmm.images import commands as image_commands
 from vmm.microvm import Disk, MicroVm, MicroVmConfig
 from vmm.vcpu import StopKind
 
@@ -165,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     boot_cmd.add_argument("--timeout", type=float, default=None, metavar="S",
                           help="stop the guest if it has not powered off after S seconds")
     boot_cmd.set_defaults(handler=boot)
+    image_commands.add_subcommands(commands)
     return parser
 
 
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         _say(str(error))
         return error.status
     except (OSError, BzImageError, BootParamsError, DebianError, KernelError,
-            InitramfsError) as error:
+            InitramfsError, ImageError) as error:
         _say(str(error))
         return EXIT_SM_FAILED
     except KeyboardInterrupt:

@@ -23,7 +23,7 @@ PACKAGES = [
     "gcc", "libc6-dev", "libffi-dev", "linux-libc-dev",
     # guest building and images
     "kmod", "busybox-static", "cpio", "e2fsprogs", "erofs-utils", "acpica-tools",
-    "qemu-system-x86", "skopeo", "docker-registry",
+    "qemu-system-x86", "skopeo", "docker-registry", "apache2-utils", "openssl",
     # a usable shell inside
     "mount", "procps", "iproute2", "util-linux",
 ]
