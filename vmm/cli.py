@@ -18,7 +18,6 @@ from vmm import hostkvm
 from vmm.arch.x86_64.bootparams import BootParamsError
 from vmm.arch.x86_64.bzimage import BzImageError
 from vmm.guest.cmdline import init_cmd_arg, parse_exit_status
-from vmm.guest.debian import DebianError
 from vmm.guest.initramfs import InitramfsError, build_initramfs, find_busybox
 from vmm.guest.kernel import KernelError, cached_kernel, ensure_kernel
 from vmm.images import ImageError
@@ -171,6 +170,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message is the one line a user needs (imported late: the Debian
+    fetcher is only loaded when a kernel is fetched)."""
+    from vmm.guest.debian import DebianError
+
+    return (OSError, BzImageError, BootParamsError, DebianError, KernelError, InitramfsError,
+            ImageError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -178,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as error:
         _say(str(error))
         return error.status
-    except (OSError, BzImageError, BootParamsError, DebianError, KernelError,
-            InitramfsError, ImageError) as error:
+    except Exception as error:
+        if not isinstance(error, _user_errors()):
+            raise
         _say(str(error))
         return EXIT_SM_FAILED
     except KeyboardInterrupt:

@@ -11,9 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from vmm.images.errors import ImageError
-from vmm.images.importer import import_image
 from vmm.images.reference import parse_reference
-from vmm.images.registry import pull
 from vmm.images.store import ImageRecord, Store
 
 __all__ = ["ImageError", "add_subcommands"]
@@ -59,13 +57,20 @@ def _describe(record: ImageRecord) -> str:
             f"{human_size(record.size)}")
 
 
+# The registry client and importer load on use: `requests` alone costs every other
+# `sm` command a noticeable start-up.
+
 def pull_command(args: argparse.Namespace) -> int:
+    from vmm.images.registry import pull
+
     record = pull(args.ref)
     print(f"pulled {_describe(record)}")
     return 0
 
 
 def import_command(args: argparse.Namespace) -> int:
+    from vmm.images.importer import import_image
+
     for record in import_image(Path(args.file), name=args.name):
         print(f"imported {_describe(record)}")
     return 0
