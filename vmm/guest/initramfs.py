@@ -10,8 +10,8 @@ Layout inside the archive::
     /proc /sys /tmp /run /mnt /root /etc
 
 The archive is built in memory (a few MB) and cached by the sha256 of its bytes
-as ``$SM_HOME/initramfs/<sha256>.cpio``: the same inputs give the same bytes,
-so the name is a hash of the inputs and a cached file is never stale.
+as ``$SM_HOME/initramfs/<sha256>.cpio``; ``by-input/<key>`` names the archive
+built from a set of inputs, so a boot finds it without building it again.
 """
 
 from __future__ import annotations
@@ -86,18 +86,59 @@ def build_initramfs(kernel: GuestKernel, extra_files: Mapping[str, bytes | Path]
     files (keeping their permission bits). ``modules`` are loaded with their
     dependencies; those built into the kernel are skipped.
     """
-    data = initramfs_bytes(kernel, extra_files or {}, modules, busybox or find_busybox())
+    extra_files = extra_files or {}
+    busybox = busybox or find_busybox()
+    cache = cache or sm_home() / "initramfs"
+    # Every boot asks for its initramfs: find it by a key of the inputs before paying
+    # for reading every module and running busybox to build the bytes again.
+    index = cache / "by-input" / _input_key(kernel, extra_files, modules, busybox, compress)
+    try:
+        path = cache / index.read_text()
+        if path.is_file():
+            return path
+    except FileNotFoundError:
+        pass
+    data = initramfs_bytes(kernel, extra_files, modules, busybox)
     if compress:
         data = gzip_bytes(data)
-    cache = cache or sm_home() / "initramfs"
     path = cache / f"{hashlib.sha256(data).hexdigest()}.cpio{'.gz' if compress else ''}"
     if not path.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=cache, prefix=".tmp-", delete=False) as tmp:
-            tmp.write(data)
-        os.chmod(tmp.name, 0o644)
-        os.replace(tmp.name, path)   # atomic: a concurrent builder writes the same bytes
+        _write_atomically(path, data)   # a concurrent builder writes the same bytes
+    _write_atomically(index, path.name.encode())
     return path
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as tmp:
+        tmp.write(data)
+    os.replace(tmp.name, path)
+
+
+def _input_key(kernel: GuestKernel, extra_files: Mapping[str, bytes | Path],
+               modules: Sequence[str], busybox: Path, compress: bool) -> str:
+    """A hash of what the archive is made of: contents of the small inputs, identity
+    (size, mtime) of the large ones."""
+    digest = hashlib.sha256()
+
+    def identity(path: Path) -> None:
+        stat = path.stat()
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+
+    digest.update(init_script().read_bytes())
+    identity(busybox)
+    identity(kernel.vmlinuz)
+    if kernel.modules_dir:
+        identity(kernel.modules_dir)
+    digest.update(f"{kernel.version}\0{','.join(modules)}\0{compress}\0".encode())
+    for name in sorted(extra_files):
+        content = extra_files[name]
+        digest.update(name.encode() + b"\0")
+        if isinstance(content, Path):
+            identity(content)
+        else:
+            digest.update(hashlib.sha256(content).digest())
+    return digest.hexdigest()
 
 
 def initramfs_bytes(kernel: GuestKernel, extra_files: Mapping[str, bytes | Path],
