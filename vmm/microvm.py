@@ -26,6 +26,7 @@ from vmm.devices.serial import Serial
 from vmm.devices.virtio.blk import Block
 from vmm.devices.virtio.device import VirtioDevice
 from vmm.devices.virtio.mmio import REG_QUEUE_NOTIFY, MmioTransport
+from vmm.devices.virtio.vsock import Vsock
 from vmm.kvm import Kvm
 from vmm.memory import GuestMemory
 from vmm.vcpu import StopKind, StopReason, VcpuThread
@@ -50,6 +51,8 @@ class MicroVmConfig:
     memory_mib: int = 512
     disks: list[Disk] = field(default_factory=list)
     console: Callable[[bytes], None] = lambda data: None
+    vsock_cid: int = 3               # the device is per VM, so every VM can use the same CID
+    vsock_uds: Path | None = None    # Firecracker-style Unix socket for other tools
 
 
 class GuestStopped(Exception):
@@ -168,6 +171,9 @@ class MicroVm:
             block = Block(disk.path, read_only=disk.read_only)
             self._closers.append(block.close)
             self._add_virtio(block)
+        self.vsock = Vsock(config.vsock_cid, uds_path=config.vsock_uds)
+        self._closers.append(self.vsock.close)
+        self._add_virtio(self.vsock)
         write_acpi_tables(self.memory, config.cpus,
                           [layout.virtio_mmio_slot(i) for i in range(len(self.virtio_devices))])
 
