@@ -13,7 +13,7 @@ APT_PACKAGES := gcc libffi-dev linux-libc-dev busybox-static kmod cpio e2fsprogs
 	acpica-tools gpgv debian-archive-keyring mmdebstrap qemu-system-x86 \
 	docker-registry skopeo apache2-utils openssl
 
-.PHONY: setup system-packages test demo clean
+.PHONY: setup system-packages default-image test demo clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -33,11 +33,15 @@ $(VENV)/.installed: pyproject.toml setup.py vmm/_build_kvm.py
 	$(PY) -m pip install --quiet -e '.[test]'
 	@touch $@
 
-test: setup
+# The default image is built natively on the host (mmdebstrap), cached in $SM_HOME.
+default-image: setup
+	$(PY) -m vmm.cli build-default
+
+test: setup default-image
 	$(PY) -m pytest tests/testbed
 	$(WHERE) python -m pytest --ignore=tests/testbed $(PYTEST_ARGS)
 
-demo: setup
+demo: setup default-image
 	$(WHERE) python -m vmm.cli boot --cpus 2 --init-cmd 'nproc; uname -r; head -n1 /proc/meminfo'
 
 clean:

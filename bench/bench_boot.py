@@ -24,8 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vmm.cli import DEFAULT_CMDLINE  # noqa: E402
-from vmm.guest.cmdline import INIT_STARTED, init_cmd_arg  # noqa: E402
+from vmm.guest.cmdline import DEFAULT_KERNEL_CMDLINE, INIT_STARTED, init_cmd_arg  # noqa: E402
 from vmm.guest.initramfs import build_initramfs  # noqa: E402
 from vmm.guest.kernel import ensure_kernel  # noqa: E402
 
@@ -42,7 +41,7 @@ def qemu(kernel: Path, initrd: Path, init_cmd: str) -> list[str]:
     return ["qemu-system-x86_64", "-M", "microvm,pit=on,pic=on,rtc=on,acpi=on", "-accel", "kvm",
             "-cpu", "host", "-m", str(MEMORY_MIB), "-nodefaults", "-no-user-config",
             "-display", "none", "-serial", "stdio", "-no-reboot", "-kernel", str(kernel),
-            "-initrd", str(initrd), "-append", f"{DEFAULT_CMDLINE} {init_cmd_arg(init_cmd)}"]
+            "-initrd", str(initrd), "-append", f"{DEFAULT_KERNEL_CMDLINE} {init_cmd_arg(init_cmd)}"]
 
 
 def _rss_beyond_guest_ram(pid: int) -> float:

@@ -221,6 +221,13 @@ class MicroVm:
 
     # ---- owner side --------------------------------------------------------------
 
+    def forward_console_input(self, stream) -> None:
+        """Copy ``stream`` (a binary file, e.g. stdin) to the guest's console from a thread."""
+        def pump() -> None:
+            while chunk := stream.read1(4096):
+                self.serial.enqueue_input(chunk)
+        threading.Thread(target=pump, name="console-input", daemon=True).start()
+
     @property
     def console_tail(self) -> bytes:
         """The last few KiB the guest wrote to its console."""
