@@ -46,7 +46,7 @@ class Disk:
 class MicroVmConfig:
     kernel: Path
     cmdline: str
-    initrd: Path | None = None
+    initrd: Path | bytes | None = None   # a file, or the archive itself
     cpus: int = 1
     memory_mib: int = 512
     disks: list[Disk] = field(default_factory=list)
@@ -150,7 +150,9 @@ class MicroVm:
         self.vm.map_memory(self.memory)
 
         kernel = load_kernel(self.memory, config.kernel)
-        initrd = Path(config.initrd).read_bytes() if config.initrd else None
+        initrd = config.initrd
+        if initrd is not None and not isinstance(initrd, bytes):
+            initrd = Path(initrd).read_bytes()
         write_boot_params(self.memory, kernel, config.cmdline, initrd)
 
         self.pio_bus = Bus("pio")

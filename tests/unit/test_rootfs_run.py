@@ -8,12 +8,8 @@ import subprocess
 import pytest
 
 from vmm.guest.cmdline import RUN_SPEC_FILE, RunSpec, RunSpecError
-from vmm.images.run import (
-    DEFAULT_PATH,
-    CommandOutput,
-    image_run_spec,
-    initramfs_with_spec,
-)
+from vmm.guest.initramfs import with_files
+from vmm.images.run import DEFAULT_PATH, CommandOutput, image_run_spec
 
 IMAGE = {"config": {"Entrypoint": ["/entry", "-x"], "Cmd": ["default", "arg"],
                     "Env": ["PATH=/opt/bin:/bin", "LANG=C.UTF-8"], "WorkingDir": "/work",
@@ -79,7 +75,7 @@ def test_the_spec_is_appended_as_a_second_aligned_cpio_archive(tmp_path):
     base = tmp_path / "base.cpio"
     base.write_bytes(b"070701" + b"0" * 106)   # stands in for the cached archive (4-aligned)
     spec = RunSpec(argv=["true"], env=["PATH=/bin"])
-    data = initramfs_with_spec(base, spec)
+    data = with_files(base, {RUN_SPEC_FILE: spec.to_shell()})
     assert data.startswith(base.read_bytes())
     appended = data[len(base.read_bytes()):]
     assert appended.startswith(b"070701") and len(data) % 4 == 0

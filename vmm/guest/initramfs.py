@@ -108,6 +108,16 @@ def build_initramfs(kernel: GuestKernel, extra_files: Mapping[str, bytes | Path]
     return path
 
 
+def with_files(base: Path, files: Mapping[str, bytes]) -> bytes:
+    """The archive at ``base`` with ``files`` appended as a second newc archive: the kernel
+    unpacks both, and per-boot files (a run spec, say) never enter the cache."""
+    extra = io.BytesIO()
+    with CpioWriter(extra) as cpio:
+        for name in sorted(files):
+            cpio.add_file(name, files[name])
+    return base.read_bytes() + extra.getvalue()
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as tmp:

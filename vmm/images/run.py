@@ -10,12 +10,9 @@ becomes ours.
 from __future__ import annotations
 
 import argparse
-import io
 import re
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from vmm import hostkvm
 from vmm.cli_support import CommandFailed, at_least, check_stop
@@ -29,8 +26,7 @@ from vmm.guest.cmdline import (
     parse_exit_status,
     root_args,
 )
-from vmm.guest.cpio import CpioWriter
-from vmm.guest.initramfs import build_initramfs
+from vmm.guest.initramfs import build_initramfs, with_files
 from vmm.guest.kernel import ensure_kernel
 from vmm.images.default import DEFAULT_IMAGE, default_image, is_default_reference
 from vmm.images.rootfs import FS_TYPE, rootfs_image
@@ -89,15 +85,6 @@ def image_run_spec(image_config: dict, command: list[str] | None = None, *,
     return RunSpec(argv=argv, env=list(merged.values()),
                    workdir=workdir or image_workdir or "/", user=user or image_user or "",
                    interactive=interactive)
-
-
-def initramfs_with_spec(base: Path, spec: RunSpec) -> bytes:
-    """The cached initramfs with a second newc archive holding the spec appended: the
-    kernel unpacks both, and the per-command part never enters the cache."""
-    extra = io.BytesIO()
-    with CpioWriter(extra) as cpio:
-        cpio.add_file(RUN_SPEC_FILE, spec.to_shell())
-    return base.read_bytes() + extra.getvalue()
 
 
 # ---- the console → stdout ---------------------------------------------------------------
@@ -202,13 +189,10 @@ def run(args: argparse.Namespace) -> int:
     output = CommandOutput(sys.stdout.buffer)
     cmdline = " ".join([DEFAULT_KERNEL_CMDLINE, *root_args("/dev/vda", FS_TYPE)])
     started = time.monotonic()
-    with tempfile.NamedTemporaryFile(prefix="sm-initrd-", suffix=".cpio") as initrd:
-        initrd.write(initramfs_with_spec(build_initramfs(kernel), spec))
-        initrd.flush()
-        config = MicroVmConfig(kernel=kernel.vmlinuz, initrd=Path(initrd.name), cmdline=cmdline,
+    initrd = with_files(build_initramfs(kernel), {RUN_SPEC_FILE: spec.to_shell()})
+    vm = MicroVm(MicroVmConfig(kernel=kernel.vmlinuz, initrd=initrd, cmdline=cmdline,
                                cpus=args.cpus, memory_mib=args.memory,
-                               disks=[Disk(rootfs, read_only=True)], console=output)
-        vm = MicroVm(config)   # reads the initrd now
+                               disks=[Disk(rootfs, read_only=True)], console=output))
     with vm:
         vm.start()
         if interactive:
