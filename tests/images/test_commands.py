@@ -9,6 +9,7 @@ from tests.images.helpers import store_files
 from tests.images.oci_layout import LAYER_GZIP, Entry, Layout
 from tests.images.registry_process import free_port
 from vmm.images.commands import ImageError, add_subcommands, human_age, human_size
+from vmm.images.rootfs import rootfs_path
 from vmm.images.store import Store
 
 
@@ -34,8 +35,14 @@ def test_pull_images_rmi(registry, pushed, sm_home, capsys):
     header, row = capsys.readouterr().out.splitlines()
     assert header.split() == ["NAME", "DIGEST", "SIZE", "CREATED"]
     assert row.split()[:2] == [ref, digest] and row.endswith(" ago")
+    rootfs = rootfs_path(Store().resolve(ref))     # as if the image had been run
+    rootfs.parent.mkdir(parents=True)
+    rootfs.write_bytes(b"erofs")
+    in_progress = rootfs.parent / "build-1234"
+    in_progress.mkdir()
     assert run("rmi", ref) == 0
     assert store_files(sm_home)["blobs"] == [] and Store().images() == []
+    assert not rootfs.exists() and in_progress.exists()
 
 
 def test_import_names_and_lists(sm_home, tmp_path, capsys):

@@ -87,10 +87,13 @@ def images_command(args: argparse.Namespace) -> int:
 
 
 def rmi_command(args: argparse.Namespace) -> int:
+    from vmm.images.rootfs import prune_rootfs
+
     store = Store()
     for ref in args.refs:
         store.remove(ref)
         print(f"removed {ref}")
+    prune_rootfs(store)
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,24 @@ def rootfs_dir() -> Path:
 def rootfs_path(record: ImageRecord) -> Path:
     """Where the image's root filesystem is cached (whether or not it is built yet)."""
     return rootfs_dir() / f"{record.manifest_digest.replace(':', '-')}.{FS_TYPE}"
+
+
+_CACHED_NAME = re.compile(rf"sha256-[0-9a-f]{{64}}\.{FS_TYPE}")
+
+
+def prune_rootfs(store: Store) -> list[Path]:
+    """Delete root filesystem images (and their locks) of images no longer in the store."""
+    directory = rootfs_dir()
+    if not directory.is_dir():
+        return []
+    kept = {rootfs_path(record).name for record in store.images()}
+    removed = []
+    for entry in directory.iterdir():
+        name = entry.name.lstrip(".").removesuffix(".lock")
+        if _CACHED_NAME.fullmatch(name) and name not in kept:   # never a build in progress
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def _say(message: str) -> None:
