@@ -6,6 +6,7 @@ and why. It does not know about images, agents or Jupyter.
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import threading
@@ -31,7 +32,10 @@ from vmm.kvm import Kvm
 from vmm.memory import GuestMemory
 from vmm.vcpu import StopKind, StopReason, VcpuThread
 
+log = logging.getLogger(__name__)
+
 SERIAL_PORT_SPAN = 8
+JOIN_TIMEOUT = 5.0                   # seconds to wait for a device thread to stop
 PANIC_MARKER = b"Kernel panic - not syncing"
 CONSOLE_TAIL_BYTES = 4096
 
@@ -109,7 +113,10 @@ class _QueueNotifier(threading.Thread):
         self._stopping = True
         os.eventfd_write(self._wakeup, 1)
         if self.is_alive():
-            self.join()
+            self.join(JOIN_TIMEOUT)
+            if self.is_alive():
+                log.warning("the virtio notifier thread did not stop within %s s", JOIN_TIMEOUT)
+                return   # leave its fds open: it may still be using them
         for fd in (*self._targets, self._wakeup):
             os.close(fd)
         self._epoll.close()
@@ -125,6 +132,9 @@ class MicroVm:
         self._stopped = threading.Event()
         self._stop_reason: StopReason | None = None
         self._console_tail = b""
+        # Closed in reverse order on close(): device threads first, then the fds and
+        # memory they use (an irq fd closed under a running device could be reused).
+        self._device_closers: list[Callable[[], None]] = []
         self._closers: list[Callable[[], None]] = []
         try:
             self._build()
@@ -167,14 +177,14 @@ class MicroVm:
             on_reset=lambda: self._guest_request(StopKind.REBOOT)))
 
         self._notifier = _QueueNotifier()
-        self._closers.append(self._notifier.stop)
+        self._device_closers.append(self._notifier.stop)
         self.virtio_devices: list[VirtioDevice] = []
         for disk in config.disks:
             block = Block(disk.path, read_only=disk.read_only)
-            self._closers.append(block.close)
+            self._device_closers.append(block.close)
             self._add_virtio(block)
         self.vsock = Vsock(config.vsock_cid, uds_path=config.vsock_uds)
-        self._closers.append(self.vsock.close)
+        self._device_closers.append(self.vsock.close)
         self._add_virtio(self.vsock)
         write_acpi_tables(self.memory, config.cpus,
                           [layout.virtio_mmio_slot(i) for i in range(len(self.virtio_devices))])
@@ -257,8 +267,9 @@ class MicroVm:
         if getattr(self, "vcpus", None):
             for thread in self.vcpus:
                 thread.stop()
-        while self._closers:
-            self._closers.pop()()
+        for closers in (self._device_closers, self._closers):
+            while closers:
+                closers.pop()()
 
     def __enter__(self) -> MicroVm:
         return self

@@ -1,13 +1,12 @@
 """Boot Debian's cloud kernel on our VMM through the `sm` CLI, as a user would."""
 
 import hashlib
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.cli_runner import sm as run_sm
 from tests.unit.boot_images import make_bzimage
 
 pytestmark = pytest.mark.usefixtures("linux_kvm", "guest_initramfs")
@@ -17,9 +16,7 @@ UD2 = b"\x0f\x0b"
 
 def sm(*args: str, user: int | None = None, **env: str) -> subprocess.CompletedProcess:
     prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user else []
-    return subprocess.run([*prefix, sys.executable, "-m", "vmm.cli", *args],
-                          env={**os.environ, **env}, stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=600)
+    return run_sm(*args, prefix=prefix, **env)
 
 
 def lines(text: str) -> list[str]:

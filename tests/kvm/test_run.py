@@ -9,13 +9,12 @@ from __future__ import annotations
 import io
 import os
 import re
-import subprocess
-import sys
 import tarfile
 import time
 
 import pytest
 
+from tests.cli_runner import sm
 from vmm.guest.initramfs import find_busybox
 from vmm.images.store import Store
 
@@ -24,12 +23,6 @@ pytestmark = pytest.mark.usefixtures("linux_kvm", "guest_initramfs")
 CONFIG_IMAGE = "sm-test/busybox-config:1"
 PLAIN_IMAGE = "sm-test/busybox:1"
 APPLETS = ("sh", "ls", "id", "pwd", "env", "cat", "echo", "hostname", "mount", "stat")
-
-
-def sm(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vmm.cli", *args], check=False,
-                          stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def _add(archive: tarfile.TarFile, name: str, kind=tarfile.REGTYPE, data: bytes = b"",

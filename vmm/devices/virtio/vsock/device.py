@@ -66,6 +66,7 @@ from vmm.devices.virtio.vsock.packet import (
 )
 
 log = logging.getLogger(__name__)
+CLOSE_TIMEOUT = 5.0   # seconds to wait for the device thread on close()
 
 RX_QUEUE, TX_QUEUE, EVENT_QUEUE = 0, 1, 2
 QUEUE_SIZE = 256
@@ -250,7 +251,9 @@ class Vsock(VirtioDevice):
             listener.close()
         os.eventfd_write(self._wakeup, 1)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
+            self._thread.join(CLOSE_TIMEOUT)
+            if self._thread.is_alive():
+                log.warning("vsock device thread did not stop within %s s", CLOSE_TIMEOUT)
         for client in list(self._uds_waiting):
             client.close()
         self._uds_waiting.clear()
