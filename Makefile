@@ -41,8 +41,11 @@ test: setup default-image
 	$(PY) -m pytest tests/testbed
 	$(WHERE) python -m pytest --ignore=tests/testbed $(PYTEST_ARGS)
 
+# The main job so far: boot a bare guest (its output and boot time), then Python in the
+# default image.
 demo: setup default-image
-	$(WHERE) python -m vmm.cli boot --cpus 2 --init-cmd 'nproc; uname -r; head -n1 /proc/meminfo'
+	$(WHERE) sh -c "python -m vmm.cli boot --cpus 2 --init-cmd 'nproc; uname -r; head -n1 /proc/meminfo' && \
+		python -m vmm.cli run python-default -- python3 -c 'import numpy, sys; print(sys.version.split()[0], numpy.__version__, 6*7)'"
 
 clean:
 	rm -rf $(VENV) build *.egg-info vmm/_kvm_cffi*.so

@@ -163,3 +163,11 @@ def test_the_agent_comes_back_after_kill_9():
 def test_an_image_without_python_says_the_agent_cannot_run(busybox_images):  # noqa: F811
     with pytest.raises(MachineError, match="has no python3, so the agent cannot run"):
         Machine.boot(PLAIN_IMAGE)
+
+
+def test_two_machines_run_at_once_in_one_process(machine):
+    with Machine.boot() as other:
+        machine.exec(["sh", "-c", "echo one > /root/who"])
+        other.exec(["sh", "-c", "echo two > /root/who"])
+        assert machine.exec(["cat", "/root/who"]).stdout == b"one\n"
+        assert other.exec(["cat", "/root/who"]).stdout == b"two\n"
