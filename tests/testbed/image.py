@@ -140,7 +140,9 @@ def _build_initrd(root: Path, version: str, output: Path) -> None:
 
 def _build_root_disk(root: Path, output: Path) -> None:
     used = int(_run(["du", "-sb", str(root)], capture_output=True, text=True).stdout.split()[0])
-    size_mib = used * 13 // 10 // (1 << 20) + 512
+    # Room for what tests write to /tmp on it (registries, images): the file is sparse,
+    # and writes go to QEMU's snapshot, so the space costs nothing until used.
+    size_mib = used * 13 // 10 // (1 << 20) + 8192
     _run(["mkfs.ext4", "-q", "-F", "-L", "sm-testbed", "-d", str(root), str(output), f"{size_mib}M"])
 
 
