@@ -20,8 +20,6 @@ import time
 import uuid
 from pathlib import Path
 
-from tqdm import tqdm
-
 from vmm.images.errors import ImageError
 from vmm.images.layers import merge_layers
 from vmm.images.store import ImageRecord, Store
@@ -88,6 +86,8 @@ def _build(store: Store, record: ImageRecord, path: Path, show_progress: bool) -
     if show_progress:
         _say(f"building the root filesystem of {record.name} "
              f"({len(layers)} layer{'s' * (len(layers) != 1)}, {total / 1e6:.0f} MB)")
+    from tqdm import tqdm  # loaded only to build: every `sm run` imports this module
+
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=path.parent))
     temp = path.parent / f".tmp-{os.getpid()}-{path.name}"
     try:
