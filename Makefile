@@ -13,7 +13,7 @@ APT_PACKAGES := gcc libffi-dev linux-libc-dev busybox-static kmod cpio e2fsprogs
 	acpica-tools gpgv debian-archive-keyring mmdebstrap qemu-system-x86 \
 	docker-registry skopeo apache2-utils openssl
 
-.PHONY: setup system-packages default-image test demo clean
+.PHONY: setup system-packages guest-assets test demo clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -33,17 +33,19 @@ $(VENV)/.installed: pyproject.toml setup.py vmm/_build_kvm.py
 	$(PY) -m pip install --quiet -e '.[test]'
 	@touch $@
 
-# The default image is built natively on the host (mmdebstrap), cached in $SM_HOME.
-default-image: setup
+# Guest assets are fetched and built on the host, cached in $SM_HOME: the test bed has no
+# network and no mmdebstrap.
+guest-assets: setup
+	$(PY) -m vmm.cli fetch-kernel
 	$(PY) -m vmm.cli build-default
 
-test: setup default-image
+test: setup guest-assets
 	$(PY) -m pytest tests/testbed
 	$(WHERE) python -m pytest --ignore=tests/testbed $(PYTEST_ARGS)
 
 # The main job so far: boot a bare guest (its output and boot time), then Python in the
 # default image.
-demo: setup default-image
+demo: setup guest-assets
 	$(WHERE) sh -c "python -m vmm.cli boot --cpus 2 --init-cmd 'nproc; uname -r; head -n1 /proc/meminfo' && \
 		python -m vmm.cli run python-default -- python3 -c 'import numpy, sys; print(sys.version.split()[0], numpy.__version__, 6*7)'"
 

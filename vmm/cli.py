@@ -49,6 +49,14 @@ def doctor(args: argparse.Namespace) -> int:
     return 0 if all(ok for ok, _ in checks) else 1
 
 
+# ---- sm fetch-kernel ----------------------------------------------------------------
+
+def fetch_kernel(args: argparse.Namespace) -> int:
+    kernel = ensure_kernel(update=args.update)
+    print(f"{kernel.version} {kernel.vmlinuz}")
+    return 0
+
+
 # ---- sm boot --------------------------------------------------------------------------
 
 def _parse_disk(spec: str) -> Disk:
@@ -110,6 +118,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("doctor", help="check that this host can run sm guests").set_defaults(
         handler=doctor)
+    fetch = commands.add_parser("fetch-kernel", help="fetch and verify the guest kernel now "
+                                "(otherwise the first boot does)")
+    fetch.add_argument("--update", action="store_true", help="look for a newer one")
+    fetch.set_defaults(handler=fetch_kernel)
     boot_cmd = commands.add_parser("boot", help="boot a guest on the console",
                                    description="Boot the guest kernel with sm's initramfs; with "
                                    "--init-cmd run that shell command in it, print its output and "
