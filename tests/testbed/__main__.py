@@ -24,7 +24,7 @@ def _run_in_testbed(args: argparse.Namespace) -> int:
     bed = image.build()
     try:
         return runner.run(bed, args.command, memory_mib=args.memory, timeout=args.timeout,
-                          boot_timeout=args.boot_timeout)
+                          boot_timeout=args.boot_timeout, stall_timeout=args.stall_timeout)
     except runner.TestbedError as error:
         print(f"testbed: {error}", file=sys.stderr, flush=True)
         return error.status
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--timeout", type=float, default=3600, metavar="S",
                          help="limit on the command's run time")
         sub.add_argument("--boot-timeout", type=float, default=300, metavar="S")
+        sub.add_argument("--stall-timeout", type=float, default=900, metavar="S",
+                         help="no output for S seconds: boot the test bed again, once")
         sub.add_argument("command", nargs="+", metavar="CMD")
     args = parser.parse_args(argv)
 

@@ -25,6 +25,7 @@ from .image import VENV, TestbedImage
 # Exit statuses of our own, beside the command's.
 EXIT_TIMEOUT = 124
 EXIT_TESTBED_FAILED = 125
+EXIT_STALLED = 126
 
 READY_MARKER = b"testbed: ready"
 PASSED_ENVIRONMENT = ("CI", "PYTEST_ADDOPTS", "TERM")
@@ -109,9 +110,11 @@ def _show_console_tail(console_log: Path, lines: int = 40) -> None:
         print("".join(tail.splitlines(keepends=True)[-lines:]), file=sys.stderr, flush=True)
 
 
-def _stream(qemu: subprocess.Popen, boot_timeout: float, timeout: float) -> None:
-    """Copy QEMU's console to stdout until it exits, enforcing both deadlines."""
+def _stream(qemu: subprocess.Popen, boot_timeout: float, timeout: float,
+            stall_timeout: float) -> None:
+    """Copy QEMU's console to stdout until it exits, enforcing the deadlines."""
     started = time.monotonic()
+    last_output = started
     deadline = started + boot_timeout
     booted_at = 0.0
     seen = b""
@@ -125,9 +128,13 @@ def _stream(qemu: subprocess.Popen, boot_timeout: float, timeout: float) -> None
                                    "stopped the test bed", EXIT_TIMEOUT)
             raise TestbedError(f"the test bed did not boot within {boot_timeout:.0f} s "
                                "(its console is above)")
-        ready, _, _ = select.select([fd], [], [], remaining)
+        if booted_at and time.monotonic() - last_output > stall_timeout:
+            raise TestbedError(f"no output for {stall_timeout:.0f} s: the test bed seems wedged",
+                               EXIT_STALLED)
+        ready, _, _ = select.select([fd], [], [], min(remaining, stall_timeout))
         if not ready:
             continue
+        last_output = time.monotonic()
         chunk = os.read(fd, 65536)
         if not chunk:
             return
@@ -143,30 +150,49 @@ def _stream(qemu: subprocess.Popen, boot_timeout: float, timeout: float) -> None
 
 
 def run(image: TestbedImage, command: list[str], memory_mib: int = 4096,
-        timeout: float = 3600.0, boot_timeout: float = 300.0,
-        project: Path | None = None) -> int:
-    """Run ``command`` in the test bed and return its exit status."""
+        timeout: float = 3600.0, boot_timeout: float = 300.0, stall_timeout: float = 900.0,
+        attempts: int = 2, project: Path | None = None) -> int:
+    """Run ``command`` in the test bed and return its exit status.
+
+    A test bed that prints nothing for ``stall_timeout`` seconds is taken as wedged (seen
+    rarely under QEMU's emulator of nested SVM) and booted again, up to ``attempts`` times;
+    the command sees the same run directory (``/testbed``) each time.
+    """
     project = (project or Path.cwd()).resolve()
     with tempfile.TemporaryDirectory(prefix="testbed-run-") as run_name:
         run_dir = Path(run_name)
         shares = _shares(run_dir, project)
         (run_dir / "job.sh").write_text(_job_script(command, project, shares))
-        console_log = run_dir / "console.log"
-        qemu = subprocess.Popen(qemu_command(image, shares, console_log, memory_mib), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                preexec_fn=_die_with_parent)
-        try:
-            _stream(qemu, boot_timeout, timeout)
-        except TestbedError:
-            _show_console_tail(console_log)
-            raise
-        finally:
-            if qemu.poll() is None:
-                qemu.kill()
-            qemu.wait()
-        status_file = run_dir / "status"
-        if not status_file.exists():
-            _show_console_tail(console_log)
-            raise TestbedError(f"the test bed stopped before the command finished "
-                               f"(QEMU exit status {qemu.returncode}; its console is above)")
-        return int(status_file.read_text().strip() or EXIT_TESTBED_FAILED)
+        for attempt in range(1, attempts + 1):
+            try:
+                return _boot_and_run(image, run_dir, shares, memory_mib, timeout, boot_timeout,
+                                     stall_timeout)
+            except TestbedError as error:
+                if error.status != EXIT_STALLED or attempt == attempts:
+                    raise
+                print(f"testbed: {error}; booting it again (attempt {attempt + 1} of {attempts})",
+                      file=sys.stderr, flush=True)
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _boot_and_run(image: TestbedImage, run_dir: Path, shares: dict[str, Path], memory_mib: int,
+                  timeout: float, boot_timeout: float, stall_timeout: float) -> int:
+    console_log = run_dir / "console.log"
+    qemu = subprocess.Popen(qemu_command(image, shares, console_log, memory_mib),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+    try:
+        _stream(qemu, boot_timeout, timeout, stall_timeout)
+    except TestbedError:
+        _show_console_tail(console_log)
+        raise
+    finally:
+        if qemu.poll() is None:
+            qemu.kill()
+        qemu.wait()
+    status_file = run_dir / "status"
+    if not status_file.exists():
+        _show_console_tail(console_log)
+        raise TestbedError(f"the test bed stopped before the command finished "
+                           f"(QEMU exit status {qemu.returncode}; its console is above)")
+    return int(status_file.read_text().strip() or EXIT_TESTBED_FAILED)

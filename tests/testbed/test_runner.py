@@ -52,3 +52,13 @@ def test_a_command_past_its_timeout_is_stopped_with_one_line():
     assert result.returncode == 124
     assert "testbed: the command ran past its timeout of 2 s" in result.stderr
     assert leftover_qemus() == []
+
+
+def test_a_wedged_test_bed_is_booted_again_once():
+    result = run_testbed("--stall-timeout", "15", "--", "sh", "-c",
+                         "test -e /testbed/first && echo second attempt && exit 0; "
+                         "touch /testbed/first; sleep 600")
+    assert "testbed: no output for 15 s: the test bed seems wedged; booting it again " \
+           "(attempt 2 of 2)" in result.stderr
+    assert result.stdout.splitlines()[-1] == "second attempt"
+    assert result.returncode == 0
