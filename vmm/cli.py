@@ -69,9 +69,8 @@ def _parse_disk(spec: str) -> Disk:
 
 
 def _boot_config(args: argparse.Namespace, console) -> MicroVmConfig:
-    kvm = hostkvm.probe()
-    if not kvm.usable:
-        raise CommandFailed(f"cannot run a guest here: {kvm.reason} (see `sm doctor`)")
+    if refused := hostkvm.refusal():
+        raise CommandFailed(refused)
     disks = [_parse_disk(spec) for spec in args.disk]
     kernel = ensure_kernel(args.kernel)
     initrd = Path(args.initrd) if args.initrd else build_initramfs(kernel)

@@ -36,3 +36,9 @@ def probe() -> HostKvm:
     if not flags & {"vmx", "svm"}:
         return HostKvm(False, "the CPU shows no hardware virtualization (vmx/svm)")
     return HostKvm(True, f"{KVM_DEVICE} is hardware KVM ({'VMX' if 'vmx' in flags else 'SVM'})")
+
+
+def refusal() -> str | None:
+    """The one line a command that needs a guest says on this host, or None if it can run."""
+    kvm = probe()
+    return None if kvm.usable else f"cannot run a guest here: {kvm.reason} (see `sm doctor`)"

@@ -72,9 +72,8 @@ class Machine:
              timeout: float = 300.0, console: Callable[[bytes], None] | None = None) -> Self:
         """Boot ``image`` (a store reference; None = the default image) and wait, up to
         ``timeout`` seconds, until its agent answers."""
-        kvm = hostkvm.probe()
-        if not kvm.usable:
-            raise MachineError(f"cannot run a guest here: {kvm.reason} (see `sm doctor`)")
+        if refused := hostkvm.refusal():
+            raise MachineError(refused)
         store = Store()
         record = default_image(store) if is_default_reference(image) else store.resolve(image)
         rootfs = rootfs_image(store, record)

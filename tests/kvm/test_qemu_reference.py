@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.testbed.runner import host_tsc_khz
 from vmm import hostkvm
 from vmm.guest import cmdline
 from vmm.guest.initramfs import find_busybox
@@ -25,10 +26,7 @@ def _accelerator() -> tuple[list[str], str]:
     if hostkvm.probe().usable:
         return ["-accel", "kvm", "-cpu", "host"], ""
     # The host TSC rate spares the emulated guest PIT calibration (which can hang under TCG).
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("cpu MHz"):
-            return ["-accel", "tcg", "-cpu", "max"], f"tsc_early_khz={int(float(line.split(':')[1]) * 1000)}"
-    raise RuntimeError("no 'cpu MHz' in /proc/cpuinfo")
+    return ["-accel", "tcg", "-cpu", "max"], f"tsc_early_khz={host_tsc_khz()}"
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _host_tsc_khz() -> int:
+def host_tsc_khz() -> int:
     """The host's TSC rate: under TCG the guest's TSC runs at it, and telling
     the guest avoids calibrating against the emulated PIT (which can hang)."""
     with open("/proc/cpuinfo") as cpuinfo:
@@ -94,7 +94,7 @@ def qemu_command(image: TestbedImage, shares: dict[str, Path], console_log: Path
         # wrong); ttyS1 carries only the command's output to our stdout.
         "-serial", f"file:{console_log}", "-serial", "stdio", "-no-reboot",
         "-kernel", str(image.kernel), "-initrd", str(image.initrd),
-        "-append", f"console=ttyS0 quiet loglevel=3 panic=-1 tsc_early_khz={_host_tsc_khz()}",
+        "-append", f"console=ttyS0 quiet loglevel=3 panic=-1 tsc_early_khz={host_tsc_khz()}",
         "-drive", f"if=none,id=root,file={image.root_disk},format=raw,snapshot=on",
         "-device", "virtio-blk-pci,drive=root",
     ]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import zstandard
 
+from vmm.cli_support import say
 from vmm.images.errors import ImageError
 from vmm.images.reference import parse_reference
 from vmm.images.store import OCI_LAYER_ZSTD, ImageNotFound, ImageRecord, Store
@@ -81,9 +82,6 @@ def _current(store: Store, digest: str) -> ImageRecord | None:
     return record if labels.get(RECIPE_LABEL) == digest else None
 
 
-def _say(message: str) -> None:
-    print(f"sm: {message}", file=sys.stderr, flush=True)
-
 
 def load_recipe(path: Path) -> dict:
     try:
@@ -123,21 +121,21 @@ def build_default_image(store: Store, recipe_file: Path) -> ImageRecord:
                                 "apt-get install mmdebstrap")
     recipe = load_recipe(recipe_file)
     started = time.monotonic()
-    _say(f"building the default image {DEFAULT_IMAGE} from {recipe_file} "
+    say(f"building the default image {DEFAULT_IMAGE} from {recipe_file} "
          "(about a minute and 600 MB of downloads, once)")
     with tempfile.TemporaryDirectory(prefix="default-image-", dir=store.tmp) as work:
         tarball, layer = Path(work) / "root.tar", Path(work) / "layer.tar.zst"
-        _say("[1/3] installing Debian packages with mmdebstrap")
+        say("[1/3] installing Debian packages with mmdebstrap")
         result = subprocess.run(mmdebstrap_argv(recipe, tarball), stdin=subprocess.DEVNULL,
                                 stdout=sys.stderr, check=False)
         if result.returncode != 0:
             raise DefaultImageError(f"mmdebstrap failed (status {result.returncode}; its log is "
                                     "above): check the network and the free space in "
                                     f"{store.tmp}")
-        _say(f"[2/3] compressing the layer ({tarball.stat().st_size / 1e6:.0f} MB)")
+        say(f"[2/3] compressing the layer ({tarball.stat().st_size / 1e6:.0f} MB)")
         _compress(tarball, layer)
         tarball.unlink()
-        _say("[3/3] adding the image to the store")
+        say("[3/3] adding the image to the store")
         config = {
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "config": {**recipe["config"], "Labels": {RECIPE_LABEL: recipe_digest(recipe_file)}},
@@ -145,7 +143,7 @@ def build_default_image(store: Store, recipe_file: Path) -> ImageRecord:
                                        + " ".join(recipe["packages"])}],
         }
         record = store.add_image(DEFAULT_IMAGE, config, [layer], OCI_LAYER_ZSTD)
-    _say(f"default image built in {time.monotonic() - started:.0f} s "
+    say(f"default image built in {time.monotonic() - started:.0f} s "
          f"({record.size / 1e6:.0f} MB compressed)")
     return record
 

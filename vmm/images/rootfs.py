@@ -20,6 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
+from vmm.cli_support import say
 from vmm.images.errors import ImageError
 from vmm.images.layers import merge_layers
 from vmm.images.store import ImageRecord, Store
@@ -60,9 +61,6 @@ def prune_rootfs(store: Store) -> list[Path]:
     return removed
 
 
-def _say(message: str) -> None:
-    print(f"sm: {message}", file=sys.stderr, flush=True)
-
 
 def rootfs_image(store: Store, record: ImageRecord, *, show_progress: bool = True) -> Path:
     """The path of ``record``'s root filesystem image, building it first if needed."""
@@ -84,7 +82,7 @@ def _build(store: Store, record: ImageRecord, path: Path, show_progress: bool) -
     total = sum(layer.stat().st_size for layer in layers)
     started = time.monotonic()
     if show_progress:
-        _say(f"building the root filesystem of {record.name} "
+        say(f"building the root filesystem of {record.name} "
              f"({len(layers)} layer{'s' * (len(layers) != 1)}, {total / 1e6:.0f} MB)")
     from tqdm import tqdm  # loaded only to build: every `sm run` imports this module
 
@@ -96,15 +94,15 @@ def _build(store: Store, record: ImageRecord, path: Path, show_progress: bool) -
             report = merge_layers(layers, staging, bar.update)
         if show_progress:
             for warning in report.warnings():
-                _say(f"warning: {warning}")
-            _say(f"writing the {FS_TYPE} image")
+                say(f"warning: {warning}")
+            say(f"writing the {FS_TYPE} image")
         _mkfs(staging, temp, record.manifest_digest, all_root=os.geteuid() != 0)
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
     if show_progress:
-        _say(f"root filesystem ready: {path.stat().st_size / 1e6:.0f} MB in "
+        say(f"root filesystem ready: {path.stat().st_size / 1e6:.0f} MB in "
              f"{time.monotonic() - started:.1f} s")
 
 

@@ -181,9 +181,8 @@ def run(args: argparse.Namespace) -> int:
     record = _image(store, args.image)
     spec = image_run_spec(record.config, command, entrypoint=args.entrypoint, env=args.env,
                           workdir=args.workdir, user=args.user, interactive=interactive)
-    kvm = hostkvm.probe()
-    if not kvm.usable:
-        raise CommandFailed(f"cannot run a guest here: {kvm.reason} (see `sm doctor`)")
+    if refused := hostkvm.refusal():
+        raise CommandFailed(refused)
     rootfs = rootfs_image(store, record)
     kernel = ensure_kernel()
     output = CommandOutput(sys.stdout.buffer)
