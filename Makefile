@@ -30,7 +30,7 @@ system-packages:
 $(VENV)/.installed: pyproject.toml setup.py vmm/_build_kvm.py
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,bench]'
 	@touch $@
 
 # Guest assets are fetched and built on the host, cached in $SM_HOME: the test bed has no

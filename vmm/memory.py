@@ -98,6 +98,16 @@ class GuestMemory:
     def unpack(self, fmt: str, gpa: int) -> tuple:
         return struct.unpack(fmt, self.read(gpa, struct.calcsize(fmt)))
 
+    def discard(self, gpa: int, length: int) -> None:
+        """Give the host pages of a page-aligned range back (the balloon's job): they
+        leave the VMM's RSS and read as zeros, or as the snapshot file under a
+        copy-on-write mapping, until the guest writes them again."""
+        if gpa % mmap.PAGESIZE or length % mmap.PAGESIZE:
+            raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is not page aligned")
+        region, offset = self._locate(gpa, length)
+        if length:
+            region._map.madvise(mmap.MADV_DONTNEED, offset, length)
+
     def close(self) -> None:
         for region in self.regions:
             region._map.close()

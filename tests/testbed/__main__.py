@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import subprocess
 import sys
@@ -22,12 +23,19 @@ def _testbed_wanted() -> tuple[bool, str]:
 
 def _run_in_testbed(args: argparse.Namespace) -> int:
     bed = image.build()
-    try:
-        return runner.run(bed, args.command, memory_mib=args.memory, timeout=args.timeout,
-                          boot_timeout=args.boot_timeout, stall_timeout=args.stall_timeout)
-    except runner.TestbedError as error:
-        print(f"testbed: {error}", file=sys.stderr, flush=True)
-        return error.status
+    # One test bed at a time: two emulated machines on a small host starve each other.
+    with open(bed.directory.parent / ".run-lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("testbed: waiting for another test bed run to finish", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return runner.run(bed, args.command, memory_mib=args.memory, timeout=args.timeout,
+                              boot_timeout=args.boot_timeout, stall_timeout=args.stall_timeout)
+        except runner.TestbedError as error:
+            print(f"testbed: {error}", file=sys.stderr, flush=True)
+            return error.status
 
 
 def main(argv: list[str] | None = None) -> int:
