@@ -33,6 +33,9 @@ KILL_GRACE_SECONDS = 2.0
 EXEC_SILENCE_SECONDS = 3 * wire.HEARTBEAT_SECONDS
 # Idle connections kept for reuse when the client opens its own.
 MAX_IDLE_CONNECTIONS = 4
+# The Firecracker-style Unix socket of a machine's vsock device (docs/vsock.md).
+UDS_CONNECT_TIMEOUT = 10.0   # s for the OK line: the device gives the guest 5 s to answer
+_OK_LINE_MAX = 32
 _MESSAGE_LIMIT = 300
 
 
@@ -137,6 +140,33 @@ class GuestStats:
     uptime: float        # seconds since the guest booted
     procs_running: int
     procs_total: int
+
+
+def connect_vsock_uds(path: str | os.PathLike, port: int = AGENT_PORT,
+                      timeout: float = UDS_CONNECT_TIMEOUT) -> socket.socket:
+    """A stream to guest ``port`` through a vsock device's Unix socket: ``CONNECT <port>``,
+    then ``OK <host port>``. OSError (ConnectionRefusedError when the guest refused) if not."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(os.fspath(path))
+        sock.sendall(b"CONNECT %d\n" % port)
+        line = b""
+        while not line.endswith(b"\n"):   # byte by byte: what follows the line is the stream's
+            byte = sock.recv(1)
+            if not byte:
+                raise ConnectionRefusedError(f"nothing listens on guest vsock port {port}")
+            line += byte
+            if len(line) > _OK_LINE_MAX:
+                raise ConnectionError(f"{os.fspath(path)} is not a vsock socket (no OK line)")
+        if not line.startswith(b"OK "):
+            raise ConnectionError(f"{os.fspath(path)} is not a vsock socket (it answered "
+                                  f"{_one_line(line.decode('ascii', 'replace'))!r})")
+    except BaseException:
+        sock.close()
+        raise
+    sock.settimeout(None)
+    return sock
 
 
 class _Channel:
@@ -252,6 +282,13 @@ class AgentClient:
         self._open = 0
         self._cond = threading.Condition()
         self._closed = False
+
+    @classmethod
+    def over_vsock_uds(cls, path: str | os.PathLike, port: int = AGENT_PORT, *,
+                       io_timeout: float = DEFAULT_IO_TIMEOUT) -> Self:
+        """A client of the agent of a machine whose vsock device listens on the Unix
+        socket ``path`` (another process's machine, e.g. one `sm start` runs)."""
+        return cls(lambda: connect_vsock_uds(path, port), io_timeout=io_timeout)
 
     def __enter__(self) -> Self:
         return self
@@ -500,6 +537,7 @@ class ExecStream:
         self._credit = window
         self._window = window
         self._stdin_lock = threading.Lock()
+        self._stdin_sent = threading.Condition(self._stdin_lock)  # _pending emptied, or the exec ended
         self._pending = bytearray()
         self._eof_wanted = False
         self._eof_sent = False
@@ -530,6 +568,14 @@ class ExecStream:
                 self._pending.extend(data)
                 self._flush_stdin()
 
+    def wait_stdin_sent(self, timeout: float | None = None) -> bool:
+        """Wait until everything written has gone to the agent (the process is reading its
+        stdin) or the exec ended; False after ``timeout`` s. A thread that copies an endless
+        stdin calls this between writes, so this object does not buffer without bound;
+        the output must meanwhile be read by another thread (that is where credit comes back)."""
+        with self._stdin_sent:
+            return self._stdin_sent.wait_for(lambda: not self._pending or self._finished, timeout)
+
     def close_stdin(self) -> None:
         with self._stdin_lock:
             self._eof_wanted = True
@@ -551,6 +597,8 @@ class ExecStream:
             self._channel.send(wire.STDIN, bytes(self._pending[:size]))
             del self._pending[:size]
             self._credit -= size
+        if not self._pending:
+            self._stdin_sent.notify_all()
         if self._eof_wanted and not self._pending and not self._eof_sent:
             self._channel.send(wire.STDIN_EOF)
             self._eof_sent = True
@@ -597,7 +645,9 @@ class ExecStream:
 
     def _abandon(self) -> None:
         if not self._finished:
-            self._finished = True
+            with self._stdin_lock:
+                self._finished = True
+                self._stdin_sent.notify_all()
             self._client._release(self._channel)  # still in_op: closed, not reused
 
     def _next_chunk(self, deadline: float | None) -> OutputChunk | None:
@@ -638,6 +688,7 @@ class ExecStream:
         self.exit_code, self.signal = exit_code, signum
         with self._stdin_lock:
             self._finished = True
+            self._stdin_sent.notify_all()
         try:
             self._channel.send(wire.DONE)
             self._channel.in_op = False

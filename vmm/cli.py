@@ -1,4 +1,5 @@
-"""The ``sm`` command: ``sm doctor``, ``sm boot``, and the image commands.
+"""The ``sm`` command: ``sm doctor``, ``sm boot``, named machines (``sm start``, ``exec``,
+``ps``, ``stop``; :mod:`vmm.machines`), and the image commands.
 
 Errors a user can hit end with one ``sm: ...`` line saying what happened and
 what to do, and a non-zero status (125 when sm itself could not run the guest,
@@ -9,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
-from vmm import hostkvm
+from vmm import hostkvm, machines
+from vmm.agent_client import AgentError, CommandNotFound, ExecFailed, ExecStream
 from vmm.arch.x86_64.bootparams import BootParamsError
 from vmm.arch.x86_64.bzimage import BzImageError
 from vmm.cli_support import EXIT_SM_FAILED, CommandFailed, at_least, check_stop, say
@@ -110,6 +114,156 @@ def boot(args: argparse.Namespace) -> int:
     return status or 0
 
 
+# ---- named machines: sm start, exec, ps, stop ------------------------------------------
+
+EXIT_CANNOT_RUN = 126    # as docker exec: the command exists but could not be started
+EXIT_NOT_FOUND = 127
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def start(args: argparse.Namespace) -> int:
+    if refused := hostkvm.refusal():
+        raise CommandFailed(refused)
+    print(machines.start(args.name, args.image, cpus=args.cpus, memory_mib=args.memory,
+                         timeout=args.timeout))
+    return 0
+
+
+def _exec_env(entries: list[str], image_env) -> dict[str, str] | None:
+    """The image's environment with ``--env NAME=VALUE`` entries over it."""
+    env = dict(entry.partition("=")[::2] for entry in image_env)
+    for entry in entries:
+        name, equals, value = entry.partition("=")
+        if not name or not equals:
+            raise CommandFailed(f"--env {entry!r} is not NAME=VALUE")
+        env[name] = value
+    return env or None
+
+
+def exec_(args: argparse.Namespace) -> int:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise CommandFailed("no command given: `sm exec NAME -- CMD [ARG...]`")
+    info, client = machines.agent(args.name)
+    with client:
+        try:
+            stream = client.exec_stream(argv, env=_exec_env(args.env, info.env),
+                                        cwd=args.workdir or info.workdir,
+                                        user=args.user or info.user or None)
+        except CommandNotFound as error:
+            raise CommandFailed(str(error), EXIT_NOT_FOUND) from None
+        except ExecFailed as error:
+            raise CommandFailed(str(error), EXIT_CANNOT_RUN) from None
+        with stream:
+            if args.interactive or not sys.stdin.isatty():
+                threading.Thread(target=_copy_stdin, args=(stream,), daemon=True).start()
+            else:
+                stream.close_stdin()
+            previous = {signum: signal.signal(signum, _forwarder(stream))
+                        for signum in FORWARDED_SIGNALS}
+            try:
+                for chunk in stream:
+                    out = sys.stdout.buffer if chunk.stream == "stdout" else sys.stderr.buffer
+                    out.write(chunk.data)
+                    out.flush()
+            finally:
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
+            return stream.exit_code
+
+
+def _copy_stdin(stream: ExecStream) -> None:
+    """Our stdin to the command's, no faster than it reads (the agent's credit)."""
+    try:
+        while chunk := sys.stdin.buffer.read1(1 << 16):
+            stream.write(chunk)
+            stream.wait_stdin_sent()
+    except (AgentError, OSError, ValueError):
+        pass   # the command ended or the connection broke: the output loop says which
+    try:
+        stream.close_stdin()
+    except (AgentError, ValueError):
+        pass
+
+
+def _forwarder(stream: ExecStream):
+    """A signal handler passing the signal to the command's process group (from a thread:
+    the main thread may be sending a frame when the signal arrives)."""
+    def send(signum: int) -> None:
+        try:
+            stream.send_signal(signum, group=True)
+        except AgentError:
+            pass
+
+    def handler(signum, frame) -> None:
+        threading.Thread(target=send, args=(signum,), daemon=True).start()
+    return handler
+
+
+def _duration(seconds: float) -> str:
+    """45s, 3m12s, 2h05m, 1d03h."""
+    seconds = int(seconds)
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+    hours = seconds // 3600
+    return f"{hours}h{seconds % 3600 // 60:02d}m" if hours < 24 else f"{hours // 24}d{hours % 24:02d}h"
+
+
+def ps(args: argparse.Namespace) -> int:
+    rows = [("NAME", "IMAGE", "CPUS", "MEMORY", "UPTIME", "STATE")]
+    for info in machines.list_machines():
+        state = "dead: daemon gone, leftovers removed" if info.state == "dead" else info.state
+        rows.append((info.name, info.image, str(info.cpus), f"{info.memory_mib} MiB",
+                     _duration(info.uptime), state))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    return 0
+
+
+def stop(args: argparse.Namespace) -> int:
+    for name in args.names:
+        if machines.stop(name):
+            print(name)
+        else:
+            say(f"{name} was not running (its daemon had exited); removed what it left")
+    return 0
+
+
+def _add_machine_commands(commands) -> None:
+    start_cmd = commands.add_parser(
+        "start", help="start a named machine in the background",
+        description="Boot IMAGE (default: the built-in default image) in a machine that keeps "
+                    "running in the background, as `docker run -d`; print its name once its "
+                    "agent answers. Use it with `sm exec`, `sm ps`, `sm stop`.")
+    start_cmd.add_argument("--name", help="the machine's name (default: a generated one)")
+    start_cmd.add_argument("--cpus", type=at_least(1), default=1)
+    start_cmd.add_argument("--memory", type=at_least(64), default=512, metavar="MiB")
+    start_cmd.add_argument("--timeout", type=float, default=machines.START_TIMEOUT, metavar="S",
+                           help="give up if the agent has not answered after S seconds")
+    start_cmd.add_argument("image", nargs="?", metavar="IMAGE")
+    start_cmd.set_defaults(handler=start)
+    exec_cmd = commands.add_parser(
+        "exec", help="run a command in a running machine",
+        description="Run CMD in machine NAME, as `docker exec`: its output streams here, our "
+                    "stdin goes to it when it is not a terminal (or with -i), signals we get "
+                    "are passed on, and we exit with its status (128+N if signal N killed it).")
+    exec_cmd.add_argument("-i", "--interactive", action="store_true",
+                          help="pass stdin on even when it is a terminal")
+    exec_cmd.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE",
+                          help="set an environment variable; repeatable")
+    exec_cmd.add_argument("-w", "--workdir", "--cwd", metavar="DIR",
+                          help="working directory (default: the image's)")
+    exec_cmd.add_argument("-u", "--user", help="USER[:GROUP] or UID[:GID] (default: the image's)")
+    exec_cmd.add_argument("name", metavar="NAME")
+    exec_cmd.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD")
+    exec_cmd.set_defaults(handler=exec_)
+    commands.add_parser("ps", help="list the running machines").set_defaults(handler=ps)
+    stop_cmd = commands.add_parser("stop", help="power named machines off and remove them")
+    stop_cmd.add_argument("names", nargs="+", metavar="NAME")
+    stop_cmd.set_defaults(handler=stop)
+
+
 # ---- entry point ----------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
@@ -138,6 +292,7 @@ def _parser() -> argparse.ArgumentParser:
     boot_cmd.add_argument("--timeout", type=float, default=None, metavar="S",
                           help="stop the guest if it has not powered off after S seconds")
     boot_cmd.set_defaults(handler=boot)
+    _add_machine_commands(commands)
     image_commands.add_subcommands(commands)
     image_run.add_subcommands(commands)
     return parser
@@ -150,7 +305,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from vmm.guest.debian import DebianError
 
     return (OSError, BzImageError, BootParamsError, DebianError, KernelError, InitramfsError,
-            ImageError, RunSpecError)
+            ImageError, RunSpecError, machines.MachinesError, AgentError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,18 +23,19 @@ pytestmark = pytest.mark.usefixtures("linux_kvm", "guest_initramfs")
 
 ECHO_PORT = 5000
 # A vsock echo server in the guest: each connection echoes until the host half-closes,
-# then says how many bytes it saw.
+# then says how many bytes it saw and their sha256.
 ECHO_SERVER = f"""
-import socket, threading
+import hashlib, socket, threading
 def serve(conn):
-    total = 0
+    total, digest = 0, hashlib.sha256()
     while True:
         data = conn.recv(65536)
         if not data:
             break
         total += len(data)
+        digest.update(data)
         conn.sendall(data)
-    conn.sendall(b"total=%d" % total)
+    conn.sendall(b"total=%d sha256=%s" % (total, digest.hexdigest().encode()))
     conn.close()
 server = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
 server.bind((socket.VMADDR_CID_ANY, {ECHO_PORT}))
@@ -87,21 +88,38 @@ def test_a_missing_command_is_one_clear_error(machine):
         machine.exec(["no-such-program"])
 
 
-def test_put_and_get_a_file_and_a_tree_with_checksums(machine, tmp_path):
+def _tree_sums(root) -> dict[str, str]:
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(root.rglob("*")) if path.is_file() and not path.is_symlink()}
+
+
+def test_put_and_get_a_50_mb_file_with_checksums(machine, tmp_path):
     big = tmp_path / "big.bin"
-    big.write_bytes(os.urandom(20 << 20))
-    tree = tmp_path / "tree"
-    (tree / "a" / "b").mkdir(parents=True)
-    (tree / "a" / "b" / "leaf.txt").write_text("leaf\n")
-    (tree / "top.txt").write_text("top\n")
+    big.write_bytes(os.urandom(50 << 20))
+    expected = hashlib.sha256(big.read_bytes()).hexdigest()
     machine.put(big, "/root/big.bin")
-    machine.put(tree, "/root/tree")
-    guest_sum = machine.exec(["sha256sum", "/root/big.bin"]).stdout.split()[0].decode()
-    assert guest_sum == hashlib.sha256(big.read_bytes()).hexdigest()
+    assert machine.exec(["sha256sum", "/root/big.bin"]).stdout.split()[0].decode() == expected
     machine.get("/root/big.bin", tmp_path / "back.bin")
+    assert hashlib.sha256((tmp_path / "back.bin").read_bytes()).hexdigest() == expected
+    machine.exec(["rm", "/root/big.bin"])   # guest RAM: the root filesystem's writes live there
+
+
+def test_put_and_get_a_tree_with_checksums(machine, tmp_path):
+    tree = tmp_path / "tree"
+    for index in range(40):
+        path = tree / f"d{index % 5}" / f"sub{index % 3}" / f"f{index}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.urandom(index * 9973))   # empty, small, and several 64 KiB frames
+    (tree / "top.txt").write_text("top\n")
+    (tree / "link").symlink_to("top.txt")
+    machine.put(tree, "/root/tree")
+    listing = machine.exec(["sh", "-c", "cd /root/tree && find . -type f | xargs sha256sum"])
+    guest = {name.decode()[2:]: digest.decode()
+             for digest, name in (line.split() for line in listing.stdout.splitlines())}
+    assert guest == _tree_sums(tree)
     machine.get("/root/tree", tmp_path / "tree-back")
-    assert (tmp_path / "back.bin").read_bytes() == big.read_bytes()
-    assert (tmp_path / "tree-back" / "a" / "b" / "leaf.txt").read_text() == "leaf\n"
+    assert _tree_sums(tmp_path / "tree-back") == _tree_sums(tree)
+    assert os.readlink(tmp_path / "tree-back" / "link") == "top.txt"
 
 
 def echo(machine, port: int, payload: bytes) -> bytes:
@@ -116,10 +134,31 @@ def echo(machine, port: int, payload: bytes) -> bytes:
     return bytes(received)
 
 
-def test_a_vsock_stream_echoes_bytes_both_ways_and_half_closes(machine, echo_server):
-    payload = os.urandom(16 << 20)
-    received = echo(machine, echo_server, payload)
-    assert received == payload + b"total=%d" % len(payload)
+def test_100_mb_echo_through_vsock_both_ways_with_checksums(machine, echo_server):
+    """100 MB host→guest and the same back at once; each side checks what it got."""
+    chunks = [os.urandom(1 << 20) for _ in range(100)]
+    total = 100 << 20
+    sent = hashlib.sha256()
+    for chunk in chunks:
+        sent.update(chunk)
+    received, count = hashlib.sha256(), 0
+    with machine.vsock.connect(echo_server) as conn:
+        def send() -> None:
+            for chunk in chunks:
+                conn.sendall(chunk)
+            conn.shutdown(socket.SHUT_WR)
+        sender = threading.Thread(target=send)
+        sender.start()
+        tail = b""
+        while data := conn.recv(1 << 16):
+            take = max(0, min(len(data), total - count))   # then the server's summary line
+            received.update(data[:take])
+            count += take
+            tail += data[take:]
+        sender.join()
+    assert count == total
+    assert received.hexdigest() == sent.hexdigest()
+    assert tail == b"total=%d sha256=%s" % (total, sent.hexdigest().encode())
 
 
 def test_64_concurrent_vsock_connections(machine, echo_server):
@@ -131,7 +170,8 @@ def test_64_concurrent_vsock_connections(machine, echo_server):
         thread.start()
     for thread in threads:
         thread.join(120)
-    assert all(results[i] == payloads[i] + b"total=65536" for i in range(64))
+    assert all(results[i] == payloads[i] + b"total=65536 sha256=%s" % hashlib.sha256(
+        payloads[i]).hexdigest().encode() for i in range(64))
 
 
 def test_a_stalled_host_reader_loses_nothing(machine):

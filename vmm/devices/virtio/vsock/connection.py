@@ -94,6 +94,7 @@ class Connection:
         self.guest_done = False        # RST sent or received: the guest end is gone
         # The host end.
         self.host_readable = False     # epoll said readable and we have not seen it drained
+        self.host_buffered = 0         # bytes FIONREAD last saw in the host socket, not read yet
         self.host_eof = False          # the host will send nothing more
         self.host_closed = False       # the host end is gone both ways
         self.reset_reason: str | None = None
@@ -191,10 +192,15 @@ class Connection:
         return None
 
     def _host_bytes_available(self) -> int:
-        """Bytes waiting in the host socket; notes end of file and a drained socket."""
+        """Bytes waiting in the host socket; notes end of file and a drained socket. Only
+        we read the socket, so what FIONREAD saw is there until we read it: one ioctl per
+        socket buffer rather than one per (4 KiB) guest packet."""
+        if self.host_buffered:
+            return self.host_buffered
         try:
             available = _FIONREAD.unpack(fcntl.ioctl(self.host.fileno(), termios.FIONREAD, b"\0" * 4))[0]
             if available:
+                self.host_buffered = available
                 return available
             if self.host.recv(1, socket.MSG_PEEK) == b"":
                 self.host_eof = True
@@ -208,12 +214,14 @@ class Connection:
     def emit(self, plan: Plan, chain: DescriptorChain) -> int:
         """Write the planned packet into an rx chain (at least a header long); returns its length."""
         op, length = plan.op, 0
-        if op == OP_RW:
-            length = self._read_host_into(chain, min(plan.length, chain.writable_length - HEADER_SIZE))
-            if length == 0:
-                op = OP_CREDIT_UPDATE  # the data vanished; the buffer still carries our credit
-        chain.write(0, pack_header(self.local_port, self.peer_port, self.guest_cid, op, length,
-                                   plan.flags, BUF_ALLOC, self.forwarded))
+        room = min(plan.length, chain.writable_length - HEADER_SIZE) if op == OP_RW else 0
+        header_views, data_views = _split(chain.writable_views(0, HEADER_SIZE + room), HEADER_SIZE)
+        if room:
+            length = self._read_host_into(data_views)
+        if op == OP_RW and length == 0:
+            op = OP_CREDIT_UPDATE  # the data vanished; the buffer still carries our credit
+        _copy_into(header_views, pack_header(self.local_port, self.peer_port, self.guest_cid, op,
+                                             length, plan.flags, BUF_ALLOC, self.forwarded))
         self.fwd_cnt_told = self.forwarded
         self.need_credit_update = False
         if op == OP_RST:
@@ -229,11 +237,9 @@ class Connection:
             self.credit_requested = True
         return HEADER_SIZE + length
 
-    def _read_host_into(self, chain: DescriptorChain, length: int) -> int:
-        if length <= 0:
-            return 0
+    def _read_host_into(self, views: list[memoryview]) -> int:
         try:
-            count = self.host.recvmsg_into(chain.writable_views(HEADER_SIZE, length))[0]
+            count = self.host.recvmsg_into(views)[0]
         except BlockingIOError:
             count = 0
         except OSError:
@@ -241,6 +247,7 @@ class Connection:
             count = 0
         if count == 0:
             self.host_readable = False
+        self.host_buffered = max(0, self.host_buffered - count)
         self.sent += count
         return count
 
@@ -384,3 +391,21 @@ class Connection:
         self.abort(reason)
         self.need_rst = False
         self.guest_done = True
+
+
+def _split(views: list[memoryview], offset: int) -> tuple[list[memoryview], list[memoryview]]:
+    """``views`` cut at byte ``offset``: the header's buffers and the data's (one
+    writable_views call per packet, not two)."""
+    for index, view in enumerate(views):
+        if offset < len(view):
+            head = [*views[:index], view[:offset]] if offset else views[:index]
+            return head, [view[offset:], *views[index + 1:]]
+        offset -= len(view)
+    return views, []
+
+
+def _copy_into(views: list[memoryview], data: bytes) -> None:
+    position = 0
+    for view in views:
+        view[:] = data[position:position + len(view)]
+        position += len(view)
