@@ -3,13 +3,22 @@
     from vmm import Machine
     with Machine.boot() as m:                      # the built-in default image
         print(m.exec(["python3", "-c", "print(6*7)"]).stdout)
+        m.snapshot("/tmp/s1")
+    with Machine.restore("/tmp/s1") as m2: ...
 
 The guest runs our agent (vmm/guest/agent.py) on the image's own python3 as its main
 process; every operation goes to it over virtio-vsock.
+
+The first boot of an image (with a given kernel, VMM, vCPUs and memory) snapshots the
+machine once its agent answers: the *warm base snapshot*. Later boots restore it
+instead of booting, in milliseconds rather than seconds (``fresh=True`` boots anyway).
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -25,6 +34,7 @@ from vmm.agent_client import (
     ExecStream,
     GuestStats,
 )
+from vmm.balloon import MemoryBalloon
 from vmm.guest import agent as agent_module
 from vmm.guest.cmdline import (
     DEFAULT_KERNEL_CMDLINE,
@@ -39,8 +49,14 @@ from vmm.guest.kernel import ensure_kernel
 from vmm.images.default import default_image, is_default_reference
 from vmm.images.rootfs import FS_TYPE, rootfs_image
 from vmm.images.run import image_run_spec
-from vmm.images.store import ImageRecord, Store
+from vmm.images.store import ImageError, ImageRecord, Store
+from vmm.kvm import Kvm
 from vmm.microvm import Disk, MicroVm, MicroVmConfig
+from vmm.paths import snapshots_dir
+from vmm.snapshot import snapshot as snapshots
+from vmm.snapshot.errors import SnapshotError
+
+log = logging.getLogger(__name__)
 
 AGENT_FILE = "sm/agent.py"           # in the initramfs; init copies sm/* to GUEST_TOOLS_DIR
 CONSOLE_LIMIT = 1 << 20              # bytes of guest console kept for .console
@@ -55,23 +71,42 @@ class MachineError(Exception):
     """The machine could not be started or has stopped; the message says why."""
 
 
+def _console_log(console: Callable[[bytes], None] | None) -> tuple[bytearray, Callable[[bytes], None]]:
+    """The buffer behind ``Machine.console`` and the callback that fills it."""
+    kept = bytearray()
+
+    def on_console(data: bytes) -> None:
+        kept.extend(data)
+        del kept[:-CONSOLE_LIMIT]
+        if console:
+            console(data)
+    return kept, on_console
+
+
 class Machine:
     """A running microVM with the agent answering. Build it with :meth:`boot`."""
 
-    def __init__(self, vm: MicroVm, agent: AgentClient, image: ImageRecord, console: bytearray):
+    def __init__(self, vm: MicroVm, agent: AgentClient, image: ImageRecord, console: bytearray,
+                 restored_from: Path | None = None):
         self._vm = vm
         self.agent = agent
         self.image = image
         self._console = console
         self.started = time.time()
+        self.restored_from = restored_from
+        # The snapshot the next diff is taken against: the last one taken or restored.
+        self._last_snapshot = restored_from
 
     # ---- starting ------------------------------------------------------------------
 
     @classmethod
     def boot(cls, image: str | None = None, *, cpus: int = 1, memory_mib: int = 512,
-             timeout: float = 300.0, console: Callable[[bytes], None] | None = None) -> Self:
+             timeout: float = 300.0, console: Callable[[bytes], None] | None = None,
+             vsock_uds: str | os.PathLike | None = None, fresh: bool = False) -> Self:
         """Boot ``image`` (a store reference; None = the default image) and wait, up to
-        ``timeout`` seconds, until its agent answers."""
+        ``timeout`` seconds, until its agent answers. ``vsock_uds``: also serve the vsock
+        device on this Unix socket, for other processes (docs/vsock.md). Served from the
+        image's warm base snapshot when there is one, unless ``fresh``."""
         if refused := hostkvm.refusal():
             raise MachineError(refused)
         store = Store()
@@ -80,29 +115,103 @@ class Machine:
         kernel = ensure_kernel()
         spec = image_run_spec(record.config, ["/.sm/busybox", "sh", "-c", AGENT_LOOP],
                               entrypoint="", workdir="/", user="0:0")
-        initrd = with_files(build_initramfs(kernel), {
-            RUN_SPEC_FILE: spec.to_shell(),
-            AGENT_FILE: Path(agent_module.__file__).read_bytes(),
-        })
-        log = bytearray()
-
-        def on_console(data: bytes) -> None:
-            log.extend(data)
-            del log[:-CONSOLE_LIMIT]
-            if console:
-                console(data)
-
+        extra_files = {RUN_SPEC_FILE: spec.to_shell(),
+                       AGENT_FILE: Path(agent_module.__file__).read_bytes()}
+        base_initramfs = build_initramfs(kernel)
+        warm = _warm_snapshot_path(record, rootfs, kernel.vmlinuz, base_initramfs, extra_files,
+                                   cpus, memory_mib)
+        if not fresh and warm.exists():
+            try:
+                return cls.restore(warm, console=console, vsock_uds=vsock_uds, timeout=timeout)
+            except (SnapshotError, MachineError) as error:
+                log.warning("booting %s cold: its warm snapshot cannot be used (%s)", record.name, error)
+        initrd = with_files(base_initramfs, extra_files)
+        kept, on_console = _console_log(console)
         vm = MicroVm(MicroVmConfig(
             kernel=kernel.vmlinuz, initrd=initrd, cpus=cpus, memory_mib=memory_mib,
             cmdline=" ".join([DEFAULT_KERNEL_CMDLINE, *root_args("/dev/vda", FS_TYPE)]),
-            disks=[Disk(rootfs, read_only=True)], console=on_console))
+            disks=[Disk(rootfs, read_only=True)], console=on_console,
+            vsock_uds=Path(vsock_uds) if vsock_uds is not None else None))
         try:
             vm.start()
-            agent = _wait_for_agent(vm, record, log, time.monotonic() + timeout)
+            agent = _wait_for_agent(vm, record, kept, time.monotonic() + timeout)
         except BaseException:
             vm.close()
             raise
-        return cls(vm, agent, record, log)
+        machine = cls(vm, agent, record, kept)
+        if not fresh:
+            machine._save_warm_snapshot(warm)
+        return machine
+
+    @classmethod
+    def restore(cls, path: str | os.PathLike, *, console: Callable[[bytes], None] | None = None,
+                vsock_uds: str | os.PathLike | None = None, timeout: float = 60.0) -> Self:
+        """A new running machine, exactly as the snapshot at ``path`` left it: every
+        process, file in RAM and open connection inside the guest (connections to the
+        host are reset). Raises SnapshotError saying why a snapshot cannot be used."""
+        if refused := hostkvm.refusal():
+            raise MachineError(refused)
+        with Kvm() as kvm:
+            saved, point = snapshots.load(path, kvm)
+        machine_state = saved["machine"]
+        kept, on_console = _console_log(console)
+        vm = MicroVm(MicroVmConfig(
+            cmdline=machine_state["cmdline"], cpus=machine_state["cpus"],
+            memory_mib=machine_state["memory_mib"],
+            disks=[Disk(Path(d["path"]), read_only=d["read_only"]) for d in machine_state["disks"]],
+            console=on_console, vsock_uds=Path(vsock_uds) if vsock_uds is not None else None),
+            restore=point)
+        record = _image_record(saved.get("meta", {}))
+        try:
+            vm.log_dirty_pages()
+            vm.start()
+            agent = _wait_for_agent(vm, record, kept, time.monotonic() + timeout)
+            agent.set_clock()   # the guest's wall clock stood still while it was saved
+        except BaseException:
+            vm.close()
+            raise
+        return cls(vm, agent, record, kept, restored_from=Path(path).absolute())
+
+    # ---- snapshots -----------------------------------------------------------------
+
+    def snapshot(self, path: str | os.PathLike, diff: bool = False) -> snapshots.SnapshotInfo:
+        """Save the whole machine into directory ``path`` and keep running. With ``diff``,
+        only the pages written since the last snapshot taken or restored (its parent,
+        which must stay in place). A failed snapshot leaves an earlier one at ``path``
+        as it was."""
+        path = Path(path).absolute()
+        parent = self._last_snapshot if diff else None
+        if diff and parent is None:
+            raise MachineError("a diff snapshot needs a parent: take a full snapshot first")
+        if parent == path:
+            raise MachineError(f"a diff snapshot cannot replace its own parent {path}: "
+                               "give it another path")
+        try:
+            info = snapshots.save(self._vm, path, parent=parent, meta=self._meta())
+        except BaseException:
+            self._last_snapshot = None    # the dirty log was spent: the next one is full
+            raise
+        self._last_snapshot = path
+        return info
+
+    def _meta(self) -> dict:
+        return {"image": self.image.name, "manifest_digest": self.image.manifest_digest,
+                "config_digest": self.image.config_digest}
+
+    def _save_warm_snapshot(self, path: Path) -> None:
+        """Take the image's base snapshot, unless another process is taking it."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{path.name}.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            if path.exists():
+                return
+            try:
+                self.snapshot(path)
+            except (SnapshotError, OSError) as error:
+                log.warning("could not save the warm snapshot of %s: %s", self.image.name, error)
 
     # ---- using it --------------------------------------------------------------------
 
@@ -131,11 +240,24 @@ class Machine:
         return self._vm.vsock
 
     @property
+    def balloon(self) -> MemoryBalloon:
+        """The memory balloon: ``target_mib``, ``actual_mib``, ``stats()`` (docs/balloon.md)."""
+        return MemoryBalloon(self._vm.balloon, self._vm.config.memory_mib)
+
+    @property
     def console(self) -> str:
         """What the guest wrote to its serial console (the last MiB)."""
         return self._console.decode("utf-8", "replace")
 
     # ---- stopping --------------------------------------------------------------------
+
+    def wait(self, timeout: float | None = None) -> str | None:
+        """Wait up to ``timeout`` s for the guest to stop by itself; how it stopped
+        (e.g. "poweroff", "crash: Kernel panic …"), or None while it still runs."""
+        reason = self._vm.wait(timeout)
+        if reason is None:
+            return None
+        return reason.kind.value + (f": {reason.detail}" if reason.detail else "")
 
     def stop(self) -> None:
         """Power the machine off and release everything it holds. Safe to call twice."""
@@ -147,6 +269,37 @@ class Machine:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _identity(path: Path) -> str:
+    stat = path.stat()
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _warm_snapshot_path(record: ImageRecord, rootfs: Path, kernel: Path, initramfs: Path,
+                        extra_files: dict[str, bytes], cpus: int, memory_mib: int) -> Path:
+    """Where the warm base snapshot of this exact machine lives: a new image, kernel,
+    initramfs, agent or VMM gives a new one."""
+    key = hashlib.sha256()
+    for part in (record.manifest_digest, _identity(rootfs), _identity(kernel), _identity(initramfs),
+                 snapshots.vmm_version(), f"{cpus}:{memory_mib}"):
+        key.update(part.encode() + b"\0")
+    for name in sorted(extra_files):
+        key.update(name.encode() + b"\0" + extra_files[name] + b"\0")
+    return snapshots_dir() / "base" / key.hexdigest()[:20]
+
+
+def _image_record(meta: dict) -> ImageRecord:
+    """The image a snapshot was taken of, from the store if it is still there."""
+    name = meta.get("image", "unknown")
+    try:
+        record = Store().resolve(name)
+        if record.manifest_digest == meta.get("manifest_digest"):
+            return record
+    except ImageError:   # removed or unreadable: describe it from the snapshot
+        pass
+    return ImageRecord(name, meta.get("manifest_digest", ""), meta.get("config_digest", ""),
+                       {}, [], 0, "")
 
 
 def _wait_for_agent(vm: MicroVm, record: ImageRecord, log: bytearray,

@@ -1,7 +1,10 @@
 """A running x86_64 microVM: KVM, guest RAM, the boot data, devices and vCPU threads.
 
 :class:`MicroVm` wires the parts together and knows when the guest has stopped
-and why. It does not know about images, agents or Jupyter.
+and why. It boots a kernel, or takes up a machine where a snapshot left it
+(:class:`RestorePoint`: RAM already holding the guest, plus the saved state), and
+it can pause, hand out its whole state, and resume. It does not know about
+files, images, agents or Jupyter.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ import logging
 import os
 import select
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,12 +28,16 @@ from vmm.devices.legacy import ACPI_PORT_SPAN, I8042, I8042_PORT_SPAN, AcpiSleep
 from vmm.devices.rtc import PORT_SPAN as RTC_PORT_SPAN
 from vmm.devices.rtc import CmosRtc
 from vmm.devices.serial import Serial
+from vmm.devices.virtio.balloon import Balloon
 from vmm.devices.virtio.blk import Block
 from vmm.devices.virtio.device import VirtioDevice
 from vmm.devices.virtio.mmio import REG_QUEUE_NOTIFY, MmioTransport
 from vmm.devices.virtio.vsock import Vsock
 from vmm.kvm import Kvm
-from vmm.memory import GuestMemory
+from vmm.kvm import lib as kvm_lib
+from vmm.memory import PAGE_SIZE, GuestMemory
+from vmm.snapshot import kvm_state
+from vmm.snapshot.memory_file import pages_from_dirty_bitmap, union
 from vmm.vcpu import StopKind, StopReason, VcpuThread
 
 log = logging.getLogger(__name__)
@@ -48,8 +56,8 @@ class Disk:
 
 @dataclass
 class MicroVmConfig:
-    kernel: Path
-    cmdline: str
+    kernel: Path | None = None           # None when restoring: the guest is in RAM already
+    cmdline: str = ""
     initrd: Path | bytes | None = None   # a file, or the archive itself
     cpus: int = 1
     memory_mib: int = 512
@@ -57,6 +65,14 @@ class MicroVmConfig:
     console: Callable[[bytes], None] = lambda data: None
     vsock_cid: int = 3               # the device is per VM, so every VM can use the same CID
     vsock_uds: Path | None = None    # Firecracker-style Unix socket for other tools
+
+
+@dataclass
+class RestorePoint:
+    """A machine to take up: guest RAM as the snapshot left it, and the saved state
+    (:meth:`MicroVm.save_state`)."""
+    memory: GuestMemory
+    state: dict
 
 
 class GuestStopped(Exception):
@@ -125,7 +141,7 @@ class _QueueNotifier(threading.Thread):
 class MicroVm:
     """Build with a config, :meth:`start`, then :meth:`wait` for the guest to stop."""
 
-    def __init__(self, config: MicroVmConfig):
+    def __init__(self, config: MicroVmConfig, restore: RestorePoint | None = None):
         if config.cpus < 1 or config.memory_mib < 64:
             raise ValueError("a guest needs at least 1 vCPU and 64 MiB of memory")
         self.config = config
@@ -136,15 +152,19 @@ class MicroVm:
         # memory they use (an irq fd closed under a running device could be reused).
         self._device_closers: list[Callable[[], None]] = []
         self._closers: list[Callable[[], None]] = []
+        self._logging_dirty = False
+        self._restored = restore is not None
         try:
-            self._build()
+            if restore is not None:
+                self._closers.append(restore.memory.close)
+            self._build(restore)
         except BaseException:
             self.close()
             raise
 
     # ---- building ---------------------------------------------------------------
 
-    def _build(self) -> None:
+    def _build(self, restore: RestorePoint | None) -> None:
         config = self.config
         self.kvm = Kvm()
         self._closers.append(self.kvm.close)
@@ -155,23 +175,30 @@ class MicroVm:
         self.vm.create_irqchip()
         self.vm.create_pit2()
 
-        self.memory = GuestMemory(layout.ram_layout(config.memory_mib << 20))
-        self._closers.append(self.memory.close)
+        if restore is None:
+            self.memory = GuestMemory(layout.ram_layout(config.memory_mib << 20))
+            self._closers.append(self.memory.close)
+        else:
+            self.memory = restore.memory
         self.vm.map_memory(self.memory)
 
-        kernel = load_kernel(self.memory, config.kernel)
-        initrd = config.initrd
-        if initrd is not None and not isinstance(initrd, bytes):
-            initrd = Path(initrd).read_bytes()
-        write_boot_params(self.memory, kernel, config.cmdline, initrd)
+        if restore is None:
+            kernel = load_kernel(self.memory, config.kernel)
+            initrd = config.initrd
+            if initrd is not None and not isinstance(initrd, bytes):
+                initrd = Path(initrd).read_bytes()
+            write_boot_params(self.memory, kernel, config.cmdline, initrd)
 
         self.pio_bus = Bus("pio")
         self.mmio_bus = Bus("mmio")
         self.serial = Serial(self._on_console, self._irq_line(layout.COM1_IRQ))
         self.pio_bus.register(layout.COM1_PORT, SERIAL_PORT_SPAN, self.serial)
-        self.pio_bus.register(layout.CMOS_RTC_PORT, RTC_PORT_SPAN, CmosRtc())
-        self.pio_bus.register(layout.I8042_DATA_PORT, I8042_PORT_SPAN,
-                              I8042(on_reset=lambda: self._guest_request(StopKind.REBOOT)))
+        rtc = CmosRtc()
+        self.pio_bus.register(layout.CMOS_RTC_PORT, RTC_PORT_SPAN, rtc)
+        i8042 = I8042(on_reset=lambda: self._guest_request(StopKind.REBOOT))
+        self.pio_bus.register(layout.I8042_DATA_PORT, I8042_PORT_SPAN, i8042)
+        # Legacy devices with state, by the name their state is saved under.
+        self._legacy = {"serial": self.serial, "rtc": rtc, "i8042": i8042}
         self.pio_bus.register(layout.ACPI_SLEEP_CONTROL_PORT, ACPI_PORT_SPAN, AcpiSleepPorts(
             on_poweroff=lambda: self._guest_request(StopKind.POWEROFF),
             on_reset=lambda: self._guest_request(StopKind.REBOOT)))
@@ -179,6 +206,7 @@ class MicroVm:
         self._notifier = _QueueNotifier()
         self._device_closers.append(self._notifier.stop)
         self.virtio_devices: list[VirtioDevice] = []
+        self._transports: list[MmioTransport] = []
         for disk in config.disks:
             block = Block(disk.path, read_only=disk.read_only)
             self._device_closers.append(block.close)
@@ -186,15 +214,25 @@ class MicroVm:
         self.vsock = Vsock(config.vsock_cid, uds_path=config.vsock_uds)
         self._device_closers.append(self.vsock.close)
         self._add_virtio(self.vsock)
-        write_acpi_tables(self.memory, config.cpus,
-                          [layout.virtio_mmio_slot(i) for i in range(len(self.virtio_devices))])
+        self.balloon = Balloon()
+        self._add_virtio(self.balloon)
+        if restore is None:
+            write_acpi_tables(self.memory, config.cpus,
+                              [layout.virtio_mmio_slot(i) for i in range(len(self.virtio_devices))])
+        else:
+            kvm_state.restore_vm(self.vm, restore.state["vm"])
 
         self.vcpus = []
         for index in range(config.cpus):
             vcpu = self.vm.create_vcpu(index)
             self._closers.append(vcpu.close)
-            setup_boot_vcpu(vcpu, self.kvm, self.memory, index, config.cpus, kernel.entry_point)
+            if restore is None:
+                setup_boot_vcpu(vcpu, self.kvm, self.memory, index, config.cpus, kernel.entry_point)
+            else:
+                kvm_state.restore_vcpu(vcpu, restore.state["vcpus"][index])
             self.vcpus.append(VcpuThread(vcpu, self.pio_bus, self.mmio_bus, self._on_vcpu_exit))
+        if restore is not None:
+            self._restore_devices(restore.state["devices"])
 
     def _irq_line(self, gsi: int) -> _IrqLine:
         line = _IrqLine(self.vm, gsi)
@@ -204,6 +242,7 @@ class MicroVm:
     def _add_virtio(self, device: VirtioDevice) -> None:
         base, gsi = layout.virtio_mmio_slot(len(self.virtio_devices))
         transport = MmioTransport(device, self.memory, self._irq_line(gsi))
+        self._transports.append(transport)
         self.mmio_bus.register(base, layout.VIRTIO_MMIO_SIZE, transport)
         self._notifier.watch(self.vm, transport, base, len(device.queue_max_sizes))
         self.virtio_devices.append(device)
@@ -247,8 +286,80 @@ class MicroVm:
 
     def start(self) -> None:
         self._notifier.start()
+        if self._restored:
+            self._resumed()
         for thread in self.vcpus:
             thread.start()
+
+    # ---- snapshots (see vmm/snapshot) ----------------------------------------------------
+
+    def pause(self) -> None:
+        """Stop every vCPU with its I/O complete. Devices keep running until
+        :meth:`save_state` holds them still."""
+        for thread in self.vcpus:
+            thread.pause()
+
+    def resume(self) -> None:
+        self._resumed()
+        for thread in self.vcpus:
+            thread.resume()
+
+    def _resumed(self) -> None:
+        kvm_state.tell_guest_it_was_paused([thread.vcpu for thread in self.vcpus])
+        if self._restored:
+            self._restored = False
+            for device in self.virtio_devices:
+                device.resumed()
+
+    @contextmanager
+    def devices_held(self) -> Iterator[None]:
+        """Hold every virtio device's lock: no device thread touches guest RAM meanwhile."""
+        with ExitStack() as stack:
+            for device in self.virtio_devices:
+                stack.enter_context(device.lock)
+            yield
+
+    def save_state(self) -> dict:
+        """Every vCPU, the VM and every device, as JSON-able data. Call while paused and
+        inside :meth:`devices_held`."""
+        msrs = self.kvm.msr_index_list()
+        return {
+            "vcpus": [kvm_state.save_vcpu(thread.vcpu, msrs) for thread in self.vcpus],
+            "vm": kvm_state.save_vm(self.vm),
+            "devices": {
+                **{name: device.save_state() for name, device in self._legacy.items()},
+                "virtio": [transport.save_state() for transport in self._transports],
+            },
+        }
+
+    def _restore_devices(self, state: dict) -> None:
+        for name, device in self._legacy.items():
+            device.restore_state(state[name])
+        saved = state["virtio"]
+        if len(saved) != len(self._transports):
+            raise ValueError(f"{len(saved)} virtio devices saved, this machine has {len(self._transports)}")
+        for transport, device_state in zip(self._transports, saved):
+            transport.restore_state(device_state)
+
+    def log_dirty_pages(self) -> None:
+        """Start tracking the pages written from now on (the guest's through KVM's dirty
+        log, the devices' in guest memory), for :meth:`dirty_pages`."""
+        if not self._logging_dirty:
+            self.vm.map_memory(self.memory, kvm_lib.KVM_MEM_LOG_DIRTY_PAGES)
+            self.memory.track_host_writes()
+            self._logging_dirty = True
+
+    @property
+    def logging_dirty_pages(self) -> bool:
+        return self._logging_dirty
+
+    def dirty_pages(self) -> bytes:
+        """One byte per page, non-zero where written since the last call (or since
+        :meth:`log_dirty_pages`); starts over."""
+        guest = b"".join(
+            pages_from_dirty_bitmap(self.vm.get_dirty_log(slot, region.size), region.size // PAGE_SIZE)
+            for slot, region in enumerate(self.memory.regions))
+        return union(guest, self.memory.take_host_writes())
 
     def wait(self, timeout: float | None = None) -> StopReason | None:
         """The reason the guest stopped, or None if it still runs after ``timeout`` s."""

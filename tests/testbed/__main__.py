@@ -7,6 +7,9 @@ import fcntl
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 from vmm import hostkvm
 
@@ -21,15 +24,29 @@ def _testbed_wanted() -> tuple[bool, str]:
     return not kvm.usable, kvm.reason
 
 
-def _run_in_testbed(args: argparse.Namespace) -> int:
-    bed = image.build()
-    # One test bed at a time: two emulated machines on a small host starve each other.
-    with open(bed.directory.parent / ".run-lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+@contextmanager
+def _run_slot(directory: Path) -> Iterator[None]:
+    """One of ``$SM_TESTBED_SLOTS`` (default 1) places to run: emulated machines on a
+    small host starve each other, so by default one test bed runs at a time."""
+    slots = max(1, int(os.environ.get("SM_TESTBED_SLOTS", "1")))
+    names = [".run-lock"] + [f".run-lock-{n}" for n in range(1, slots)]
+    with ExitStack() as stack:
+        for name in names:
+            lock = stack.enter_context(open(directory / name, "w"))
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                continue
+        else:
             print("testbed: waiting for another test bed run to finish", file=sys.stderr, flush=True)
             fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _run_in_testbed(args: argparse.Namespace) -> int:
+    bed = image.build()
+    with _run_slot(bed.directory.parent):
         try:
             return runner.run(bed, args.command, memory_mib=args.memory, timeout=args.timeout,
                               boot_timeout=args.boot_timeout, stall_timeout=args.stall_timeout)

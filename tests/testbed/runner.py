@@ -74,6 +74,8 @@ def _job_script(command: list[str], project: Path, shares: dict[str, Path]) -> s
         f"echo {shlex.quote(str(project))} > $(echo {site})/sm-project.pth",
         f"export VIRTUAL_ENV={VENV} PATH={VENV}/bin:$PATH",
         f"export SM_HOME={shlex.quote(str(shares['smhome']))} SM_IN_TESTBED=1",
+        # Snapshots are mapped into guests page by page: keep them off the 9p share.
+        "export SM_SNAPSHOTS=/var/tmp/sm-snapshots",
         "export PYTHONUNBUFFERED=1",  # stream Python's output as it comes, not at exit
     ]
     if not sys.stdout.isatty():

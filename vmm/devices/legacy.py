@@ -45,6 +45,12 @@ class I8042:
         self._last_was_command = False
         self._awaiting_config = False
 
+    def save_state(self) -> dict:
+        return {"config": self._config}
+
+    def restore_state(self, state: dict) -> None:
+        self._config = state["config"] & 0xFF
+
     def read(self, offset: int, size: int) -> bytes:
         if offset == _DATA:
             value = self._output.popleft() if self._output else 0

@@ -38,6 +38,15 @@ class CmosRtc:
         self._ram[STATUS_B] = STATUS_B_24H
         self._ram[STATUS_D] = STATUS_D_VALID
 
+    def save_state(self) -> dict:
+        return {"index": self._index, "ram": self._ram.hex()}
+
+    def restore_state(self, state: dict) -> None:
+        ram = bytes.fromhex(state["ram"])
+        if len(ram) != len(self._ram):
+            raise ValueError(f"CMOS state of {len(ram)} bytes, expected {len(self._ram)}")
+        self._index, self._ram[:] = state["index"] & INDEX_MASK, ram
+
     def _time_registers(self) -> dict[int, int]:
         now = time.gmtime(self._clock())
         values = {

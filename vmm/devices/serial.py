@@ -96,6 +96,21 @@ class Serial:
         self.divisor = 12        # 9600 baud from a 1.8432 MHz clock
         self._thr_pending = False
 
+    # --- snapshots -------------------------------------------------------
+
+    def save_state(self) -> dict:
+        """Registers only: unread input belongs to a host that will not be there."""
+        with self._lock:
+            return {"ier": self.ier, "lcr": self.lcr, "mcr": self.mcr, "scr": self.scr,
+                    "fcr": self.fcr, "divisor": self.divisor, "thr_pending": self._thr_pending}
+
+    def restore_state(self, state: dict) -> None:
+        with self._lock:
+            self.ier, self.lcr = state["ier"] & 0xFF, state["lcr"] & 0xFF
+            self.mcr, self.scr = state["mcr"] & MCR_MASK, state["scr"] & 0xFF
+            self.fcr, self.divisor = state["fcr"] & 0xFF, state["divisor"] & 0xFFFF
+            self._thr_pending = bool(state["thr_pending"])
+
     # --- host side -----------------------------------------------------
 
     def enqueue_input(self, data: bytes) -> int:

@@ -86,3 +86,14 @@ class VirtioDevice:
     def reset(self) -> None:
         """Forget everything the driver set up; the queues are reset by the transport."""
         self.acked_features = 0
+
+    def save_state(self) -> dict:
+        """What the device must keep across a snapshot (the transport keeps the queues)."""
+        return {"acked_features": self.acked_features}
+
+    def restore_state(self, state: dict) -> None:
+        """Called before the transport re-activates the device on restore."""
+        self.acked_features = state["acked_features"] & self.avail_features
+
+    def resumed(self) -> None:
+        """The machine runs again after a restore: reconnect to the world outside."""

@@ -323,6 +323,32 @@ class MmioTransport:
             self._reset_state()
             self.device.reset()
 
+    # --- snapshots ---------------------------------------------------------------
+
+    _SAVED = ("status", "interrupt_status", "config_generation", "device_features_select",
+              "driver_features_select", "driver_features", "queue_select")
+
+    def save_state(self) -> dict:
+        with self.device.lock:
+            state = {name: getattr(self, name) for name in self._SAVED}
+            state["queues"] = [queue.save_state() for queue in self.queues]
+            state["device"] = self.device.save_state()
+            return state
+
+    def restore_state(self, state: dict) -> None:
+        """Back to where a snapshot left the transport; a device the driver had started
+        is started again on the same rings (checked against guest RAM as on DRIVER_OK)."""
+        with self.device.lock:
+            if len(state["queues"]) != len(self.queues):
+                raise ValueError(f"{len(state['queues'])} queues saved, device has {len(self.queues)}")
+            for name in self._SAVED:
+                setattr(self, name, int(state[name]))
+            for queue, saved in zip(self.queues, state["queues"]):
+                queue.restore_state(saved)
+            self.device.restore_state(state["device"])
+            if self.activated:
+                self._activate()
+
     # --- device side -----------------------------------------------------------
 
     def notify(self, queue_index: int) -> None:

@@ -183,6 +183,19 @@ class Queue:
         self._added_since_notify = 0
         self._memory: GuestMemory | None = None
 
+    _SAVED = ("size", "ready", "desc_table", "avail_ring", "used_ring", "next_avail", "next_used")
+
+    def save_state(self) -> dict:
+        return {name: getattr(self, name) for name in self._SAVED}
+
+    def restore_state(self, state: dict) -> None:
+        """Configuration and ring positions; :meth:`activate` checks them as usual."""
+        self.reset()
+        for name in self._SAVED:
+            setattr(self, name, int(state[name]))
+        self.next_avail &= 0xFFFF
+        self.next_used &= 0xFFFF
+
     # --- configuration ---------------------------------------------------
 
     def activate(self, memory: GuestMemory, event_idx: bool = False) -> None:
@@ -210,7 +223,7 @@ class Queue:
     # --- ring fields (aligned 16-bit accesses, so never torn) -------------
 
     def _load_u16(self, gpa: int) -> int:
-        return self._memory.view(gpa, 2).cast("H")[0]
+        return self._memory.read_int(gpa, 2)
 
     def _store_u16(self, gpa: int, value: int) -> None:
         self._memory.view(gpa, 2).cast("H")[0] = value

@@ -157,6 +157,9 @@ class Vsock(VirtioDevice):
         self._active = False
         self._drop_connections("the guest reset its vsock device")
 
+    def resumed(self) -> None:
+        self.transport_reset()
+
     def transport_reset(self) -> None:
         """Tell the guest every connection is gone (after a snapshot restore) and drop them."""
         with self.lock:
