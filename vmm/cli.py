@@ -1,5 +1,6 @@
 """The ``sm`` command: ``sm doctor``, ``sm boot``, named machines (``sm start``, ``exec``,
-``ps``, ``stop``; :mod:`vmm.machines`), and the image commands.
+``ps``, ``stop``; :mod:`vmm.machines`), their snapshots (``sm snapshot``, ``restore``,
+``snapshots``, ``rm-snapshot``; :mod:`vmm.named_snapshots`), and the image commands.
 
 Errors a user can hit end with one ``sm: ...`` line saying what happened and
 what to do, and a non-zero status (125 when sm itself could not run the guest,
@@ -230,6 +231,100 @@ def stop(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- snapshots: sm snapshot, restore, snapshots, rm-snapshot ----------------------------
+# vmm.named_snapshots loads the snapshot code (and KVM's bindings): only these commands pay.
+
+def snapshot(args: argparse.Namespace) -> int:
+    from vmm import named_snapshots
+    from vmm.images.commands import human_size
+
+    machines.running(args.machine)   # an unknown machine is the error, not the name
+    path = named_snapshots.new_path(args.snapshot, args.machine)
+    taken = machines.snapshot(args.machine, path, diff=args.diff)
+    parent = taken.get("parent")
+    kind = f"diff of {named_snapshots.display_name(Path(parent))}" if parent else "full"
+    print(f"{named_snapshots.display_name(path)}  {human_size(taken['disk_bytes'])}  {kind}  "
+          f"{taken['seconds']:.2f} s")
+    return 0
+
+
+def restore(args: argparse.Namespace) -> int:
+    from vmm import named_snapshots
+    from vmm.snapshot import snapshot as snapshots
+
+    path = named_snapshots.resolve(args.snapshot)
+    saved = snapshots.info(path)   # a damaged or foreign snapshot: one line, no daemon
+    if refused := hostkvm.refusal():
+        raise CommandFailed(refused)
+    print(machines.start(args.name, named_snapshots.image_label(saved.meta), cpus=saved.cpus,
+                         memory_mib=saved.memory_mib, timeout=args.timeout, snapshot=path))
+    return 0
+
+
+def list_snapshots(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from vmm import named_snapshots
+    from vmm.images.commands import human_age, human_size
+
+    listed = named_snapshots.list_snapshots()
+    rows = [("NAME", "TYPE", "IMAGE", "PARENT", "SIZE", "CREATED")]
+    for entry in listed:
+        rows.append((entry.name, entry.kind, entry.image or "-", entry.parent or "-",
+                     human_size(entry.disk_bytes),
+                     human_age(datetime.fromtimestamp(entry.created, UTC).isoformat())))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("   ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "   " + row[-1])
+    for entry in listed:
+        if entry.problem:
+            say(f"snapshot {entry.name!r} cannot be restored: {entry.problem}")
+    return 0
+
+
+def rm_snapshot(args: argparse.Namespace) -> int:
+    from vmm import named_snapshots
+
+    for path in named_snapshots.remove(args.snapshots, force=args.force):
+        print(named_snapshots.display_name(path))
+    return 0
+
+
+def _add_snapshot_commands(commands) -> None:
+    snapshot_cmd = commands.add_parser(
+        "snapshot", help="snapshot a running machine",
+        description="Save the whole running machine MACHINE (processes, memory, devices) as "
+                    "SNAPSHOT, a name in the snapshot directory or a path with a '/' "
+                    "(default: MACHINE-YYYYmmdd-HHMMSS); the machine keeps running. Prints its "
+                    "name, size on disk, kind and the time it took.")
+    snapshot_cmd.add_argument("--diff", action="store_true",
+                              help="only the memory written since the machine's last snapshot "
+                                   "(taken, or restored from), which must stay")
+    snapshot_cmd.add_argument("machine", metavar="MACHINE")
+    snapshot_cmd.add_argument("snapshot", nargs="?", metavar="SNAPSHOT")
+    snapshot_cmd.set_defaults(handler=snapshot)
+    restore_cmd = commands.add_parser(
+        "restore", help="start a named machine from a snapshot",
+        description="Start a new named machine, as `sm start` does, from SNAPSHOT (a name from "
+                    "`sm snapshots` or a path): every process and file in memory is as it was "
+                    "when the snapshot was taken. Prints the machine's name.")
+    restore_cmd.add_argument("--name", help="the machine's name (default: a generated one)")
+    restore_cmd.add_argument("--timeout", type=float, default=machines.START_TIMEOUT, metavar="S",
+                             help="give up if the agent has not answered after S seconds")
+    restore_cmd.add_argument("snapshot", metavar="SNAPSHOT")
+    restore_cmd.set_defaults(handler=restore)
+    commands.add_parser("snapshots", help="list the snapshots").set_defaults(handler=list_snapshots)
+    rm_cmd = commands.add_parser(
+        "rm-snapshot", help="remove snapshots",
+        description="Remove each SNAPSHOT, or none of them if one is unknown or is the parent "
+                    "of a diff snapshot that stays (unless --force).")
+    rm_cmd.add_argument("--force", "-f", action="store_true",
+                        help="remove it even if a diff snapshot needs it (that one becomes "
+                             "unusable)")
+    rm_cmd.add_argument("snapshots", nargs="+", metavar="SNAPSHOT")
+    rm_cmd.set_defaults(handler=rm_snapshot)
+
+
 def _add_machine_commands(commands) -> None:
     start_cmd = commands.add_parser(
         "start", help="start a named machine in the background",
@@ -293,6 +388,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="stop the guest if it has not powered off after S seconds")
     boot_cmd.set_defaults(handler=boot)
     _add_machine_commands(commands)
+    _add_snapshot_commands(commands)
     image_commands.add_subcommands(commands)
     image_run.add_subcommands(commands)
     return parser
@@ -303,9 +399,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     fetcher is only loaded when a kernel is fetched)."""
     from vmm.guest.cmdline import RunSpecError
     from vmm.guest.debian import DebianError
+    from vmm.named_snapshots import SnapshotsError
+    from vmm.snapshot.errors import SnapshotError
 
     return (OSError, BzImageError, BootParamsError, DebianError, KernelError, InitramfsError,
-            ImageError, RunSpecError, machines.MachinesError, AgentError)
+            ImageError, RunSpecError, machines.MachinesError, AgentError, SnapshotsError,
+            SnapshotError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,10 +13,14 @@ life, as ``docker run -d`` leaves a container running. Its state lives in
   protocol, docs/vsock.md). The socket itself is in a runtime directory on a
   local file system (``$XDG_RUNTIME_DIR/sm`` or ``/tmp/sm-UID``): Unix sockets
   do not work on network file systems, and their paths are limited to 107 bytes;
+* ``control.sock``: a symlink to the daemon's control socket, beside the vsock one:
+  one JSON request per connection, one JSON line back (:func:`control`);
 * ``console.log`` (the guest's console) and ``daemon.log`` (the daemon's own errors).
 
-Other processes reach the agent through the socket (:func:`agent`); stopping sends
-the daemon SIGTERM, and it powers the machine off and removes its directory.
+Other processes reach the agent through the vsock socket (:func:`agent`) and ask the
+daemon for what only the owner of the Machine can do (a snapshot) through the control
+socket; stopping sends the daemon SIGTERM, and it powers the machine off and removes
+its directory.
 """
 
 from __future__ import annotations
@@ -30,15 +34,18 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vmm.agent_client import AgentClient
 from vmm.paths import sm_home
+from vmm.snapshot.errors import SnapshotError
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 START_TIMEOUT = 300.0      # s for the guest's agent to answer, as Machine.boot
@@ -46,9 +53,13 @@ STOP_TIMEOUT = 30.0        # s for a daemon to power off after SIGTERM, before S
 STATE_FILE = "machine.json"
 LOCK_FILE = "lock"
 SOCKET_LINK = "vsock.sock"
+CONTROL_LINK = "control.sock"
 CONSOLE_LOG = "console.log"
 DAEMON_LOG = "daemon.log"
 UNIX_PATH_MAX = 107        # sun_path holds 108 bytes with the terminating NUL
+CONTROL_TIMEOUT = 1800.0   # s a control request may take: a snapshot writes all of guest RAM
+REQUEST_TIMEOUT = 10.0     # s the daemon waits for a request, or to send its reply
+REQUEST_LIMIT = 1 << 16    # bytes of one request or reply line
 
 
 class MachinesError(Exception):
@@ -61,6 +72,10 @@ class UnknownMachine(MachinesError):
 
 class MachineNotRunning(MachinesError):
     """The machine's daemon is gone (or still starting): nothing answers for it."""
+
+
+class ControlFailed(MachinesError):
+    """The daemon could not do what it was asked (its reason is the message)."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,8 @@ class MachineInfo:
     env: tuple[str, ...] = ()
     workdir: str = "/"
     user: str = ""
+    control_uds: str = ""  # the daemon's control socket
+    snapshot: str = ""     # the snapshot it was restored from (`sm restore`), else ""
 
     @property
     def uptime(self) -> float:
@@ -132,9 +149,9 @@ def _read_info(directory: Path) -> MachineInfo | None:
 
 
 def _remove(directory: Path, info: MachineInfo | None) -> None:
-    if info is not None:
+    for socket_path in (info.vsock_uds, info.control_uds) if info is not None else ():
         try:
-            os.unlink(info.vsock_uds)
+            os.unlink(socket_path)
         except OSError:
             pass
     shutil.rmtree(directory, ignore_errors=True)
@@ -171,16 +188,59 @@ def _with_state(info: MachineInfo, state: str) -> MachineInfo:
     return MachineInfo(**{**asdict(info), "state": state})
 
 
-def agent(name: str, io_timeout: float | None = None) -> tuple[MachineInfo, AgentClient]:
-    """The named machine and a client of its agent (through its vsock Unix socket)."""
+def running(name: str) -> MachineInfo:
+    """The named machine, if it is up (UnknownMachine or MachineNotRunning otherwise)."""
     directory, info, alive = _lookup(name)
     if not alive:
         raise MachineNotRunning(f"machine {name!r} is not running (its daemon exited; "
                                 "`sm ps` removes what it left)")
     if info is None or info.state != "running":
         raise MachineNotRunning(f"machine {name!r} is still starting; retry in a moment")
+    return info
+
+
+def agent(name: str, io_timeout: float | None = None) -> tuple[MachineInfo, AgentClient]:
+    """The named machine and a client of its agent (through its vsock Unix socket)."""
+    info = running(name)
     options = {} if io_timeout is None else {"io_timeout": io_timeout}
     return info, AgentClient.over_vsock_uds(info.vsock_uds, **options)
+
+
+def control(name: str, request: dict, timeout: float = CONTROL_TIMEOUT) -> dict:
+    """Send one request to the machine's daemon; its reply (ControlFailed with the
+    daemon's reason if it could not do it). The protocol is :class:`_ControlServer`'s."""
+    info = running(name)
+    if not info.control_uds:
+        raise MachinesError(f"machine {name!r} was started by an older sm and has no control "
+                            "socket: `sm stop` and start it again")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(info.control_uds)
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            line = sock.makefile("rb").readline(REQUEST_LIMIT)
+        except TimeoutError:
+            raise MachinesError(f"the daemon of machine {name!r} did not answer within "
+                                f"{timeout:g} s") from None
+        except OSError as error:
+            raise MachineNotRunning(f"cannot reach the daemon of machine {name!r}: "
+                                    f"{error.strerror or error}") from None
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise MachinesError(f"the daemon of machine {name!r} closed the connection without an "
+                            f"answer (see {machines_dir() / name / DAEMON_LOG})")
+    if reply.get("ok") is not True:
+        raise ControlFailed(str(reply.get("error") or "the daemon gave no reason"))
+    return reply
+
+
+def snapshot(name: str, path: Path, diff: bool = False) -> dict:
+    """Snapshot the running machine into directory ``path`` (absolute); it keeps running.
+    The reply: ``path``, ``parent`` (a diff's, else None), ``disk_bytes``, ``seconds``."""
+    return control(name, {"op": "snapshot", "path": str(path), "diff": diff})
 
 
 def stop(name: str, timeout: float = STOP_TIMEOUT) -> bool:
@@ -214,24 +274,30 @@ def _signal(pid: int, signum: int) -> None:
 # ---- starting: claim the name, spawn the daemon, wait for its word ------------------------
 
 def start(name: str | None, image: str | None, cpus: int = 1, memory_mib: int = 512,
-          timeout: float = START_TIMEOUT) -> str:
-    """Start a named machine in a detached daemon; returns its name once the agent answers."""
+          timeout: float = START_TIMEOUT, snapshot: Path | None = None) -> str:
+    """Start a named machine in a detached daemon; returns its name once the agent answers.
+    With ``snapshot``, the daemon restores that snapshot instead of booting ``image``
+    (which only names the image then, as do ``cpus`` and ``memory_mib`` its size)."""
     root = machines_dir()
     root.mkdir(parents=True, exist_ok=True)
     if name is None:
         name = "vm-" + secrets.token_hex(3)
     check_name(name)
     socket_path = runtime_dir() / f"{name}.sock"
+    control_path = runtime_dir() / f"{name}.ctl"
     if len(os.fsencode(socket_path)) > UNIX_PATH_MAX:
         raise MachinesError(f"the socket path {socket_path} is longer than {UNIX_PATH_MAX} bytes: "
                             "set XDG_RUNTIME_DIR to a shorter directory")
     directory, lock_fd = _claim(root, name)
     try:
-        if socket_path.exists() or socket_path.is_symlink():
-            socket_path.unlink()   # a socket left by a daemon that was killed: the name is ours
+        for path in (socket_path, control_path):
+            if path.exists() or path.is_symlink():
+                path.unlink()   # left by a daemon that was killed: the name is ours
         (directory / SOCKET_LINK).symlink_to(socket_path)
+        (directory / CONTROL_LINK).symlink_to(control_path)
         info = MachineInfo(name, image or "default", cpus, memory_mib, 0, time.time(),
-                           "starting", str(socket_path))
+                           "starting", str(socket_path), control_uds=str(control_path),
+                           snapshot=str(snapshot) if snapshot is not None else "")
         _write_info(directory, info)   # the daemon writes its pid in it first thing
         _spawn_and_wait(directory, info, lock_fd, timeout)
     except BaseException:
@@ -323,30 +389,37 @@ def _daemon(directory: Path, info: MachineInfo, status_fd: int, timeout: float) 
     _write_info(directory, info)
     try:
         try:
-            machine = Machine.boot(info.image if info.image != "default" else None,
-                                   cpus=info.cpus, memory_mib=info.memory_mib, timeout=timeout,
-                                   console=console.write, vsock_uds=info.vsock_uds)
-        except MachineError as error:
+            if info.snapshot:
+                machine = Machine.restore(info.snapshot, console=console.write,
+                                          vsock_uds=info.vsock_uds, timeout=timeout)
+            else:
+                machine = Machine.boot(info.image if info.image != "default" else None,
+                                       cpus=info.cpus, memory_mib=info.memory_mib, timeout=timeout,
+                                       console=console.write, vsock_uds=info.vsock_uds)
+        except (MachineError, SnapshotError) as error:
             status.write(f"error {_first_line(error)}\n")
             return 1
         except Exception as error:   # a missing image, kernel, tool: still one line
             status.write(f"error {_first_line(error)}\n")
             raise
+        control = None
         try:
             booting = False
             if stopping.is_set():
                 return 0
+            control = _ControlServer(Path(info.control_uds), machine)
             spec = image_run_spec(machine.image.config, ["true"])
             info = MachineInfo(**{**asdict(info), "state": "running", "env": tuple(spec.env),
                                   "workdir": spec.workdir, "user": spec.user})
             _write_info(directory, info)
             status.write("ok\n")
             status.close()
-            # Until `sm stop` (SIGTERM) or the guest powers off by itself. Machine has no
-            # public wait yet: its MicroVm's says when the guest stopped.
-            while not stopping.is_set() and machine._vm.wait(0.5) is None:
+            # Until `sm stop` (SIGTERM) or the guest powers off by itself.
+            while not stopping.is_set() and machine.wait(0.5) is None:
                 pass
         finally:
+            if control is not None:
+                control.close()   # waits for a snapshot being taken
             machine.stop()
         return 0
     except _Stop:
@@ -356,6 +429,86 @@ def _daemon(directory: Path, info: MachineInfo, status_fd: int, timeout: float) 
             status.close()
         console.close()
         _remove(directory, info)
+
+
+class _ControlServer:
+    """The daemon's control socket. A client connects, sends one JSON object on one line,
+    and reads one JSON line back; requests are served one at a time, in a thread.
+
+    ``{"op": "snapshot", "path": ABSOLUTE_DIR, "diff": BOOL}`` → ``{"ok": true, "path",
+    "parent" (a diff's, else null), "disk_bytes", "seconds"}``; any failure →
+    ``{"ok": false, "error": ONE_LINE}``.
+    """
+
+    def __init__(self, path: Path, machine):
+        self._machine = machine
+        self._path = path
+        self._busy = threading.Lock()   # one request at a time; close() waits for it
+        self._closed = False
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(str(path))   # in the private runtime directory
+        self._server.listen(4)
+        threading.Thread(target=self._serve, name="control", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self._server.accept()
+            except OSError:
+                return   # closed
+            with connection:
+                connection.settimeout(REQUEST_TIMEOUT)
+                try:
+                    line = connection.makefile("rb").readline(REQUEST_LIMIT)
+                    reply = self._answer(line)
+                    connection.sendall(json.dumps(reply).encode() + b"\n")
+                except OSError:
+                    pass   # the client went away: nothing to tell it
+
+    def _answer(self, line: bytes) -> dict:
+        try:
+            request = json.loads(line)
+        except ValueError:
+            request = None
+        if not isinstance(request, dict) or request.get("op") != "snapshot":
+            return _refusal("the daemon understands one JSON request per line: "
+                            '{"op": "snapshot", "path": ..., "diff": ...}')
+        path, diff = request.get("path"), request.get("diff", False)
+        if not isinstance(path, str) or not os.path.isabs(path) or not isinstance(diff, bool):
+            return _refusal("a snapshot request needs an absolute path and a boolean diff")
+        with self._busy:
+            if self._closed:
+                return _refusal("the machine is stopping")
+            started = time.monotonic()
+            try:
+                saved = self._machine.snapshot(path, diff=diff)
+            except Exception as error:
+                # Loaded already: the daemon runs a Machine.
+                from vmm.machine import MachineError
+
+                if not isinstance(error, (SnapshotError, MachineError, OSError)):
+                    traceback.print_exc()   # into daemon.log: a bug, not the user's doing
+                return _refusal(_first_line(error))
+            return {"ok": True, "path": str(saved.path),
+                    "parent": str(saved.parent) if saved.parent is not None else None,
+                    "disk_bytes": saved.disk_bytes, "seconds": time.monotonic() - started}
+
+    def close(self) -> None:
+        with self._busy:
+            self._closed = True
+        try:
+            self._server.shutdown(socket.SHUT_RDWR)   # wakes the accept()
+        except OSError:
+            pass
+        self._server.close()
+        try:
+            self._path.unlink()
+        except OSError:
+            pass
+
+
+def _refusal(reason: str) -> dict:
+    return {"ok": False, "error": reason}
 
 
 def _first_line(error: BaseException) -> str:

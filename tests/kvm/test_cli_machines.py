@@ -1,6 +1,8 @@
-"""`sm start` → `sm exec` → `sm ps` → `sm stop` on a real guest, as a user runs them.
+"""`sm start` → `sm exec` → `sm ps` → `sm snapshot` / `sm restore` → `sm stop` on a real
+guest, as a user runs them.
 
 One machine (the default image) is started for the module; its last test stops it.
+Its snapshots are restored (no boot) into a second machine, one at a time.
 """
 
 from __future__ import annotations
@@ -74,6 +76,47 @@ def test_ps_lists_the_machine(name):
     assert rows[0] == ["NAME", "IMAGE", "CPUS", "MEMORY", "UPTIME", "STATE"]
     row = next(row for row in rows if row[0] == name)
     assert row[2:5] == ["1", "384", "MiB"] and row[-1] == "running"
+
+
+def _snapshot_rows() -> dict[str, list[str]]:
+    listing = sm("snapshots")
+    assert listing.returncode == 0, listing.stderr
+    return {row.split()[0]: row.split() for row in listing.stdout.splitlines()[1:]}
+
+
+def test_snapshot_restore_under_another_name_diff_and_remove(name):
+    snap, diff, clone = f"{name}-snap", f"{name}-diff", f"{name}-clone"
+    assert sm("exec", name, "--", "sh", "-c", "echo before > /tmp/mark").returncode == 0
+    taken = sm("snapshot", name, snap)
+    assert taken.returncode == 0, taken.stderr
+    assert taken.stdout.split()[0] == snap and "  full  " in taken.stdout
+    assert sm("exec", name, "--", "sh", "-c", "echo after > /tmp/mark").returncode == 0
+    try:
+        restored = sm("restore", snap, "--name", clone)
+        assert (restored.returncode, restored.stdout) == (0, f"{clone}\n"), restored.stderr
+        assert sm("exec", clone, "--", "cat", "/tmp/mark").stdout == "before\n"
+        assert sm("exec", name, "--", "cat", "/tmp/mark").stdout == "after\n"   # still running
+        assert sm("exec", clone, "--", "sh", "-c", "echo clone > /tmp/mark").returncode == 0
+        taken = sm("snapshot", "--diff", clone, diff)
+        assert taken.returncode == 0 and f"  diff of {snap}  " in taken.stdout, taken.stderr
+    finally:
+        sm("stop", clone)
+
+    rows = _snapshot_rows()
+    assert rows[snap][1:4] == ["full", "sm/python-default:latest", "-"]
+    assert rows[diff][1:4] == ["diff", "sm/python-default:latest", snap]
+    assert any(row[1] == "base" for row in rows.values())   # the warm base `sm start` used
+    refused = sm("rm-snapshot", snap)
+    assert refused.returncode == 125 and f"is the parent of {diff!r}" in refused.stderr
+
+    try:   # the diff chain comes back through the CLI too
+        assert sm("restore", diff, "--name", clone).returncode == 0
+        assert sm("exec", clone, "--", "cat", "/tmp/mark").stdout == "clone\n"
+    finally:
+        sm("stop", clone)
+    removed = sm("rm-snapshot", diff, snap)
+    assert (removed.returncode, removed.stdout) == (0, f"{diff}\n{snap}\n")
+    assert snap not in _snapshot_rows() and diff not in _snapshot_rows()
 
 
 def test_stop_powers_it_off_and_removes_it(name):   # last: the machine is gone after it
