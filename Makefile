@@ -16,6 +16,7 @@ APT_PACKAGES := gcc libffi-dev linux-libc-dev busybox-static kmod cpio e2fsprogs
 .PHONY: setup system-packages guest-assets test demo clean
 
 setup: system-packages $(VENV)/.installed
+	@$(PY) -m sm_kernel install --user > /dev/null && echo "setup: kernel \"Python (sm microVM)\" registered (jupyter kernelspec list)"
 
 system-packages:
 	@missing=$$(for p in $(APT_PACKAGES); do \
@@ -43,11 +44,10 @@ test: setup guest-assets
 	$(PY) -m pytest tests/testbed
 	$(WHERE) python -m pytest --ignore=tests/testbed $(PYTEST_ARGS)
 
-# The main job so far: boot a bare guest (its output and boot time), then Python in the
-# default image.
+# The main job: notebooks/quickstart.ipynb executed on the sm kernel, in a microVM booted
+# from the default image; prints every cell's output and the start, snapshot and restore times.
 demo: setup guest-assets
-	$(WHERE) sh -c "python -m vmm.cli boot --cpus 2 --init-cmd 'nproc; uname -r; head -n1 /proc/meminfo' && \
-		python -m vmm.cli run python-default -- python3 -c 'import numpy, sys; print(sys.version.split()[0], numpy.__version__, 6*7)'"
+	$(WHERE) python -m sm_kernel.demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info vmm/_kvm_cffi*.so

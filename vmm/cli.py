@@ -10,6 +10,7 @@ what to do, and a non-zero status (125 when sm itself could not run the guest,
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import sys
@@ -174,9 +175,11 @@ def exec_(args: argparse.Namespace) -> int:
 
 
 def _copy_stdin(stream: ExecStream) -> None:
-    """Our stdin to the command's, no faster than it reads (the agent's credit)."""
+    """Our stdin to the command's, no faster than it reads (the agent's credit). Reads
+    the descriptor, not sys.stdin: a daemon thread blocked in a buffered reader's lock
+    makes the interpreter abort at exit."""
     try:
-        while chunk := sys.stdin.buffer.read1(1 << 16):
+        while chunk := os.read(sys.stdin.fileno(), 1 << 16):
             stream.write(chunk)
             stream.wait_stdin_sent()
     except (AgentError, OSError, ValueError):

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from vmm.devices.virtio.errors import VirtioError
 from vmm.memory import GuestMemory
@@ -96,9 +95,9 @@ def _fence() -> None:
 _FENCE_LOCK = threading.Lock()
 
 
-@dataclass(frozen=True)
-class Buffer:
-    """One guest buffer of a chain, already checked to be inside guest RAM."""
+class Buffer(NamedTuple):
+    """One guest buffer of a chain, already checked to be inside guest RAM (a tuple:
+    the hot path builds one per descriptor)."""
 
     gpa: int
     length: int
