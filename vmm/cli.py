@@ -251,6 +251,25 @@ def snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def balloon(args: argparse.Namespace) -> int:
+    from vmm.images.commands import human_size
+
+    machines.running(args.machine)
+    state = machines.balloon(args.machine, args.target)
+    if state["note"]:
+        say(state["note"])
+    print(f"balloon {state['actual_mib']} MiB (target {state['target_mib']} MiB) "
+          f"of {state['memory_mib']} MiB guest RAM")
+    for name, value in (state["stats"] or {}).items():
+        if value is not None:
+            shown = human_size(value) if name in BALLOON_BYTE_FIELDS else str(value)
+            print(f"  {name.replace('_', ' ')}: {shown}")
+    return 0
+
+
+BALLOON_BYTE_FIELDS = {"free", "available", "total", "caches", "swap_in", "swap_out"}
+
+
 def restore(args: argparse.Namespace) -> int:
     from vmm import named_snapshots
     from vmm.snapshot import snapshot as snapshots
@@ -317,6 +336,14 @@ def _add_snapshot_commands(commands) -> None:
     restore_cmd.add_argument("snapshot", metavar="SNAPSHOT")
     restore_cmd.set_defaults(handler=restore)
     commands.add_parser("snapshots", help="list the snapshots").set_defaults(handler=list_snapshots)
+    balloon_cmd = commands.add_parser(
+        "balloon", help="show or set a running machine's memory balloon",
+        description="Show the balloon of machine MACHINE and the guest's memory figures; with "
+                    "--target, first inflate or deflate it to N MiB (guest memory handed back "
+                    "to the host; clamped to the guest's RAM).")
+    balloon_cmd.add_argument("machine", metavar="MACHINE")
+    balloon_cmd.add_argument("--target", type=at_least(0), metavar="MiB")
+    balloon_cmd.set_defaults(handler=balloon)
     rm_cmd = commands.add_parser(
         "rm-snapshot", help="remove snapshots",
         description="Remove each SNAPSHOT, or none of them if one is unknown or is the parent "

@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -235,6 +236,12 @@ def control(name: str, request: dict, timeout: float = CONTROL_TIMEOUT) -> dict:
     if reply.get("ok") is not True:
         raise ControlFailed(str(reply.get("error") or "the daemon gave no reason"))
     return reply
+
+
+def balloon(name: str, target_mib: int | None = None) -> dict:
+    """Set the machine's balloon target (when given) and read it back with guest memory
+    figures: ``target_mib``, ``actual_mib``, ``memory_mib``, ``note``, ``stats``."""
+    return control(name, {"op": "balloon", "target_mib": target_mib})
 
 
 def snapshot(name: str, path: Path, diff: bool = False) -> dict:
@@ -436,8 +443,10 @@ class _ControlServer:
     and reads one JSON line back; requests are served one at a time, in a thread.
 
     ``{"op": "snapshot", "path": ABSOLUTE_DIR, "diff": BOOL}`` → ``{"ok": true, "path",
-    "parent" (a diff's, else null), "disk_bytes", "seconds"}``; any failure →
-    ``{"ok": false, "error": ONE_LINE}``.
+    "parent" (a diff's, else null), "disk_bytes", "seconds"}``;
+    ``{"op": "balloon", "target_mib": N or null}`` → ``{"ok": true, "target_mib",
+    "actual_mib", "memory_mib", "note", "stats": {...} or null}`` (sets the target first,
+    when one is given); any failure → ``{"ok": false, "error": ONE_LINE}``.
     """
 
     def __init__(self, path: Path, machine):
@@ -470,9 +479,12 @@ class _ControlServer:
             request = json.loads(line)
         except ValueError:
             request = None
+        if isinstance(request, dict) and request.get("op") == "balloon":
+            return self._balloon(request.get("target_mib"))
         if not isinstance(request, dict) or request.get("op") != "snapshot":
             return _refusal("the daemon understands one JSON request per line: "
-                            '{"op": "snapshot", "path": ..., "diff": ...}')
+                            '{"op": "snapshot", "path": ..., "diff": ...} or '
+                            '{"op": "balloon", "target_mib": ...}')
         path, diff = request.get("path"), request.get("diff", False)
         if not isinstance(path, str) or not os.path.isabs(path) or not isinstance(diff, bool):
             return _refusal("a snapshot request needs an absolute path and a boolean diff")
@@ -492,6 +504,25 @@ class _ControlServer:
             return {"ok": True, "path": str(saved.path),
                     "parent": str(saved.parent) if saved.parent is not None else None,
                     "disk_bytes": saved.disk_bytes, "seconds": time.monotonic() - started}
+
+    def _balloon(self, target_mib) -> dict:
+        from vmm.balloon import BalloonError
+
+        if target_mib is not None and (isinstance(target_mib, bool) or not isinstance(target_mib, int)):
+            return _refusal("a balloon target is a whole number of MiB")
+        balloon = self._machine.balloon
+        note = ""
+        if target_mib is not None:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                balloon.target_mib = target_mib
+            note = "; ".join(str(w.message) for w in caught)
+        try:
+            stats = asdict(balloon.stats())
+        except BalloonError as error:
+            stats, note = None, note or _first_line(error)
+        return {"ok": True, "target_mib": balloon.target_mib, "actual_mib": balloon.actual_mib,
+                "memory_mib": balloon.memory_mib, "note": note, "stats": stats}
 
     def close(self) -> None:
         with self._busy:

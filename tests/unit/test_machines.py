@@ -22,6 +22,7 @@ from tests.cli_runner import sm
 from tests.unit.agent_harness import AgentProcess
 from vmm import machines, named_snapshots
 from vmm.agent_client import AgentUnavailable, connect_vsock_uds
+from vmm.balloon import MemoryBalloon
 from vmm.snapshot import snapshot as snapshots
 from vmm.snapshot.errors import SnapshotError
 from vmm.snapshot.state_file import write_state
@@ -206,13 +207,27 @@ def write_snapshot(path: Path, parent: Path | None = None, image: str = "sm/pyth
         memory.truncate(1 << 20)
 
 
+class StubBalloonDevice:
+    """The balloon device as MemoryBalloon drives it; the "guest" meets every target."""
+
+    def __init__(self):
+        self.target_pages = self.actual_pages = 0
+
+    def set_target(self, pages: int) -> None:
+        self.target_pages = self.actual_pages = pages
+
+    def request_stats(self, timeout: float) -> dict[int, int]:
+        return {4: 300 << 20, 5: 512 << 20}          # free, total (virtio balloon tags)
+
+
 class StubMachine:
-    """What the daemon's control server needs of a Machine: snapshot(path, diff)."""
+    """What the daemon's control server needs of a Machine: snapshot(path, diff), balloon."""
 
     def __init__(self):
         self.last: Path | None = None
         self.fail: Exception | None = None
         self.calls: list[tuple[str, bool]] = []
+        self.balloon = MemoryBalloon(StubBalloonDevice(), 512)
 
     def snapshot(self, path, diff=False):
         self.calls.append((path, diff))
@@ -377,3 +392,18 @@ def test_a_stopping_daemon_finishes_a_snapshot_and_takes_no_more(home, snapshot_
             machines.snapshot("box", snapshot_dir / "s2")
     finally:
         os.close(lock)
+
+
+def test_sm_balloon_sets_the_target_and_shows_the_guest_figures(home, snapshot_dir, daemon):
+    machine, _ = daemon
+    env = {"SM_HOME": str(home)}
+    shown = sm("balloon", "box", "--target", "200", **env)
+    assert shown.returncode == 0, shown.stderr
+    assert machine.balloon.target_mib == 200
+    lines = shown.stdout.splitlines()
+    assert lines[0] == "balloon 200 MiB (target 200 MiB) of 512 MiB guest RAM"
+    assert lines[1:] == ["  free: 315MB", "  total: 537MB"]
+    clamped = sm("balloon", "box", "--target", "4096", **env)
+    assert clamped.returncode == 0 and machine.balloon.target_mib == 512
+    assert "outside 0..512 MiB" in clamped.stderr
+    assert sm("balloon", "nobody", **env).returncode == 125
