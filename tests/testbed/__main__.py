@@ -44,12 +44,20 @@ def _run_slot(directory: Path) -> Iterator[None]:
         yield
 
 
+def _forward(text: str) -> runner.Forward:
+    try:
+        return runner.Forward.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _run_in_testbed(args: argparse.Namespace) -> int:
     bed = image.build()
     with _run_slot(bed.directory.parent):
         try:
             return runner.run(bed, args.command, memory_mib=args.memory, timeout=args.timeout,
-                              boot_timeout=args.boot_timeout, stall_timeout=args.stall_timeout)
+                              boot_timeout=args.boot_timeout, stall_timeout=args.stall_timeout,
+                              forwards=tuple(args.forward))
         except runner.TestbedError as error:
             print(f"testbed: {error}", file=sys.stderr, flush=True)
             return error.status
@@ -63,12 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in (("run", "run CMD inside the test bed"),
                        ("auto", "run CMD directly if this host's KVM runs guests, else in the test bed")):
         sub = commands.add_parser(name, help=text)
-        sub.add_argument("--memory", type=int, default=4096, metavar="MiB")
+        sub.add_argument("--memory", type=int, default=6144, metavar="MiB")
         sub.add_argument("--timeout", type=float, default=3600, metavar="S",
                          help="limit on the command's run time")
         sub.add_argument("--boot-timeout", type=float, default=300, metavar="S")
         sub.add_argument("--stall-timeout", type=float, default=900, metavar="S",
                          help="no output for S seconds: boot the test bed again, once")
+        sub.add_argument("--forward", type=_forward, action="append", default=[],
+                         metavar="HOSTPORT:GUESTPORT",
+                         help="forward the host's 127.0.0.1:HOSTPORT to GUESTPORT inside the test "
+                              "bed, its only network (repeatable; a direct run listens on the "
+                              "host itself, so use one number for both)")
         sub.add_argument("command", nargs="+", metavar="CMD")
     args = parser.parse_args(argv)
 
