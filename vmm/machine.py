@@ -161,12 +161,13 @@ class Machine:
             disks=[Disk(Path(d["path"]), read_only=d["read_only"]) for d in machine_state["disks"]],
             console=on_console, vsock_uds=Path(vsock_uds) if vsock_uds is not None else None),
             restore=point)
-        record = _image_record(saved.get("meta", {}))
+        meta = saved.get("meta", {})
         try:
             vm.log_dirty_pages()
             vm.start()
-            agent = _wait_for_agent(vm, record, kept, time.monotonic() + timeout)
+            agent = _wait_for_agent(vm, _image_from_meta(meta), kept, time.monotonic() + timeout)
             agent.set_clock()   # the guest's wall clock stood still while it was saved
+            record = _image_record(meta)   # after start: the store may be slow to read
         except BaseException:
             vm.close()
             raise
@@ -289,17 +290,21 @@ def _warm_snapshot_path(record: ImageRecord, rootfs: Path, kernel: Path, initram
     return snapshots_dir() / "base" / key.hexdigest()[:20]
 
 
+def _image_from_meta(meta: dict) -> ImageRecord:
+    """The image a snapshot was taken of, as far as the snapshot says (no config)."""
+    return ImageRecord(meta.get("image", "unknown"), meta.get("manifest_digest", ""),
+                       meta.get("config_digest", ""), {}, [], 0, "")
+
+
 def _image_record(meta: dict) -> ImageRecord:
     """The image a snapshot was taken of, from the store if it is still there."""
-    name = meta.get("image", "unknown")
     try:
-        record = Store().resolve(name)
+        record = Store().resolve(meta.get("image", "unknown"))
         if record.manifest_digest == meta.get("manifest_digest"):
             return record
     except ImageError:   # removed or unreadable: describe it from the snapshot
         pass
-    return ImageRecord(name, meta.get("manifest_digest", ""), meta.get("config_digest", ""),
-                       {}, [], 0, "")
+    return _image_from_meta(meta)
 
 
 def _wait_for_agent(vm: MicroVm, record: ImageRecord, log: bytearray,

@@ -38,8 +38,12 @@ def runs(pages: bytes | bytearray, start: int = 0, end: int | None = None) -> It
 
 
 def pages_from_dirty_bitmap(bitmap: bytes, count: int) -> bytes:
-    """A KVM_GET_DIRTY_LOG bitmap as a page set of ``count`` pages."""
-    return b"".join(_BITS_TO_PAGES[b] for b in bitmap)[:count].ljust(count, b"\x00")
+    """A KVM_GET_DIRTY_LOG bitmap as a page set of ``count`` pages (work in proportion to
+    the dirty part: most of a bitmap is zero)."""
+    pages = bytearray(max(count, len(bitmap) * 8))
+    for first, end in runs(bitmap):
+        pages[first * 8:end * 8] = b"".join(_BITS_TO_PAGES[b] for b in bitmap[first:end])
+    return bytes(pages[:count])
 
 
 def union(a: bytes, b: bytes) -> bytes:

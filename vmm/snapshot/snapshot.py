@@ -12,6 +12,7 @@ root's memory file copy-on-write and lays the diffs over it.
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import shutil
 import time
@@ -38,6 +39,7 @@ FEATURE_WORDS = ((1, 0, "ecx"), (1, 0, "edx"), (7, 0, "ebx"), (7, 0, "ecx"), (7,
 NOT_FEATURES = {(1, 0, "ecx"): 1 << 27 | 1 << 31, (7, 0, "ecx"): 1 << 4}
 
 
+@functools.cache
 def vmm_version() -> str:
     try:
         return metadata.version("sm")
@@ -114,7 +116,7 @@ def save(vm: MicroVm, path: str | os.PathLike, *, parent: Path | None, meta: dic
     finally:
         vm.resume()
     _replace_directory(work, path)
-    return info(path)
+    return _info(path, record)
 
 
 def _replace_directory(new: Path, path: Path) -> None:
@@ -177,7 +179,10 @@ def _read_record(path: Path) -> dict:
 
 def info(path: str | os.PathLike) -> SnapshotInfo:
     path = Path(path).absolute()
-    record = _read_record(path)
+    return _info(path, _read_record(path))
+
+
+def _info(path: Path, record: dict) -> SnapshotInfo:
     used = sum(os.stat(path / name).st_blocks * 512 for name in (STATE_FILE, MEMORY_FILE))
     machine = record["machine"]
     return SnapshotInfo(path, record["created"], Path(record["parent"]) if record["parent"] else None,
