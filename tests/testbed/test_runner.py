@@ -1,8 +1,12 @@
 """The test bed runner, exercised from the host: it boots the test bed for real."""
 
+import http.client
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -48,10 +52,11 @@ def test_all_output_and_the_exit_status_of_the_command_come_back():
 
 
 def test_a_command_past_its_timeout_is_stopped_with_one_line():
+    others = set(leftover_qemus())   # test beds of other runs on this host are not ours
     result = run_testbed("--timeout", "2", "--", "sleep", "600")
     assert result.returncode == 124
     assert "testbed: the command ran past its timeout of 2 s" in result.stderr
-    assert leftover_qemus() == []
+    assert set(leftover_qemus()) - others == set()
 
 
 def test_a_wedged_test_bed_is_booted_again_once():
@@ -62,3 +67,51 @@ def test_a_wedged_test_bed_is_booted_again_once():
            "(attempt 2 of 2)" in result.stderr
     assert result.stdout.splitlines()[-1] == "second attempt"
     assert result.returncode == 0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def fetch_until_served(url: str, runner: subprocess.Popen) -> str:
+    """Until the server inside listens, QEMU accepts and drops the connection."""
+    while runner.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:
+                return response.read().decode()
+        except (OSError, http.client.HTTPException):
+            time.sleep(1)
+    raise AssertionError(f"the test bed run ended (status {runner.returncode}) before serving")
+
+
+def test_a_forwarded_port_reaches_a_server_inside_and_nothing_else_goes_out():
+    port = free_port()
+    with socket.socket() as host_listener:   # what the test bed must not reach
+        host_listener.bind(("127.0.0.1", 0))
+        host_listener.listen()
+        outbound_port = host_listener.getsockname()[1]
+        runner = subprocess.Popen(
+            [sys.executable, "-m", "tests.testbed", "run", "--timeout", "600",
+             "--forward", f"{port}:8000", "--", "python", "tests/testbed/sample_server.py",
+             "8000", str(outbound_port)],
+            cwd=PROJECT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        try:
+            page = fetch_until_served(f"http://127.0.0.1:{port}/", runner)
+            stdout, stderr = runner.communicate(timeout=300)
+        finally:
+            runner.kill()
+    assert page == "served from the test bed; outbound blocked\n", stdout + stderr
+    assert "listening on 8000" in stdout
+    assert runner.returncode == 0
+
+
+def test_a_forward_to_a_port_in_use_is_refused_with_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        result = run_testbed("--forward", f"{port}:80", "--", "true")
+    assert result.returncode == 125
+    assert f"testbed: cannot forward 127.0.0.1:{port} into the test bed" in result.stderr
