@@ -11,12 +11,18 @@ WHERE := $(PY) -m tests.testbed auto --
 # Debian/Ubuntu packages: building guests and images, and the test bed.
 APT_PACKAGES := gcc libffi-dev linux-libc-dev busybox-static kmod cpio e2fsprogs erofs-utils \
 	acpica-tools gpgv debian-archive-keyring mmdebstrap qemu-system-x86 \
-	docker-registry skopeo apache2-utils openssl
+	docker-registry skopeo apache2-utils openssl chromium nodejs
 
 .PHONY: setup system-packages guest-assets test demo clean
 
-setup: system-packages $(VENV)/.installed
+setup: system-packages $(VENV)/.installed tests/browser/node_modules/.installed
 	@$(PY) -m sm_kernel install --user > /dev/null && echo "setup: kernel \"Python (sm microVM)\" registered (jupyter kernelspec list)"
+
+# playwright-core drives Debian's Chromium in the browser test (tests/browser).
+tests/browser/node_modules/.installed: tests/browser/package.json tests/browser/package-lock.json
+	@command -v npm > /dev/null || { $(SUDO) apt-get install -y -q --no-install-recommends npm; }
+	npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
+	@touch $@
 
 system-packages:
 	@missing=$$(for p in $(APT_PACKAGES); do \
@@ -40,9 +46,11 @@ guest-assets: setup
 	$(PY) -m vmm.cli fetch-kernel
 	$(PY) -m vmm.cli build-default
 
+# Host side first (the test bed's runner, the browser driving JupyterLab), then the rest
+# where guests run.
 test: setup guest-assets
-	$(PY) -m pytest tests/testbed
-	$(WHERE) python -m pytest --ignore=tests/testbed $(PYTEST_ARGS)
+	$(PY) -m pytest tests/testbed tests/browser
+	$(WHERE) python -m pytest --ignore=tests/testbed --ignore=tests/browser $(PYTEST_ARGS)
 
 # The main job: notebooks/quickstart.ipynb executed on the sm kernel, in a microVM booted
 # from the default image; prints every cell's output and the start, snapshot and restore times.

@@ -12,10 +12,12 @@ import os
 import select
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from vmm.paths import sm_home
@@ -29,6 +31,8 @@ EXIT_STALLED = 126
 
 READY_MARKER = b"testbed: ready"
 PASSED_ENVIRONMENT = ("CI", "PYTEST_ADDOPTS", "TERM")
+# The test bed's address on QEMU's user network, where forwarded ports arrive.
+GUEST_ADDRESS = "10.0.2.15"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -61,8 +65,54 @@ def _shares(run_dir: Path, project: Path) -> dict[str, Path]:
     return {"testbed-run": run_dir, "project": project, "smhome": home}
 
 
-def _job_script(command: list[str], project: Path, shares: dict[str, Path]) -> str:
-    lines = ["set -e"]
+@dataclass(frozen=True)
+class Forward:
+    """A TCP port of the host's 127.0.0.1 forwarded to a port of the test bed."""
+
+    host_port: int
+    guest_port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Forward:
+        """``HOSTPORT:GUESTPORT``, or one port for both."""
+        host, _, guest = text.partition(":")
+        try:
+            ports = int(host), int(guest or host)
+        except ValueError:
+            raise ValueError(f"{text!r} is not HOSTPORT:GUESTPORT") from None
+        if not all(0 < port < 65536 for port in ports):
+            raise ValueError(f"{text!r}: ports are 1 to 65535")
+        return cls(*ports)
+
+
+def _check_free(forwards: tuple[Forward, ...]) -> None:
+    """QEMU would only say it could not set up the rule; say which port and why."""
+    for forward in forwards:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", forward.host_port))
+            except OSError as error:
+                raise TestbedError(f"cannot forward 127.0.0.1:{forward.host_port} into the test "
+                                   f"bed: {error.strerror}; choose another port") from None
+
+
+def _network_lines(forwards: tuple[Forward, ...]) -> list[str]:
+    """Bring up the one NIC the forwards arrive on (no udev inside: load its driver)."""
+    if not forwards:
+        return []
+    return [
+        "modprobe virtio_net || { echo 'testbed: virtio_net did not load: no forwarded ports'; "
+        "exit 125; }",
+        "nic=$(ls /sys/class/net | grep -vx lo | head -n1)",
+        f"ip addr add {GUEST_ADDRESS}/24 dev $nic",
+        "ip link set $nic up",
+        f"export SM_TESTBED_ADDRESS={GUEST_ADDRESS}",   # where a server inside should listen
+    ]
+
+
+def _job_script(command: list[str], project: Path, shares: dict[str, Path],
+                forwards: tuple[Forward, ...]) -> str:
+    lines = ["set -e", *_network_lines(forwards)]
     for tag, path in shares.items():
         if tag == "testbed-run":
             continue
@@ -88,7 +138,7 @@ def _job_script(command: list[str], project: Path, shares: dict[str, Path]) -> s
 
 
 def qemu_command(image: TestbedImage, shares: dict[str, Path], console_log: Path,
-                 memory_mib: int) -> list[str]:
+                 memory_mib: int, forwards: tuple[Forward, ...] = ()) -> list[str]:
     argv = [
         "qemu-system-x86_64", "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2",
         "-m", str(memory_mib), "-nodefaults", "-no-user-config", "-display", "none",
@@ -103,6 +153,13 @@ def qemu_command(image: TestbedImage, shares: dict[str, Path], console_log: Path
     for index, (tag, path) in enumerate(shares.items()):
         argv += ["-fsdev", f"local,id=fs{index},path={path},security_model=none",
                  "-device", f"virtio-9p-pci,fsdev=fs{index},mount_tag={tag}"]
+    if forwards:
+        # restrict=on: the test bed reaches nothing outside; only the forwards come in,
+        # and only from the host's loopback.
+        rules = "".join(f",hostfwd=tcp:127.0.0.1:{f.host_port}-{GUEST_ADDRESS}:{f.guest_port}"
+                        for f in forwards)
+        argv += ["-netdev", f"user,id=net0,restrict=on,ipv6=off{rules}",
+                 "-device", "virtio-net-pci,netdev=net0"]
     return argv
 
 
@@ -153,22 +210,28 @@ def _stream(qemu: subprocess.Popen, boot_timeout: float, timeout: float,
 
 def run(image: TestbedImage, command: list[str], memory_mib: int = 4096,
         timeout: float = 3600.0, boot_timeout: float = 300.0, stall_timeout: float = 900.0,
-        attempts: int = 2, project: Path | None = None) -> int:
+        attempts: int = 2, project: Path | None = None,
+        forwards: tuple[Forward, ...] = ()) -> int:
     """Run ``command`` in the test bed and return its exit status.
 
     A test bed that prints nothing for ``stall_timeout`` seconds is taken as wedged (seen
     rarely under QEMU's emulator of nested SVM) and booted again, up to ``attempts`` times;
     the command sees the same run directory (``/testbed``) each time.
+
+    Each of ``forwards`` makes a port of the test bed reachable at the host's 127.0.0.1
+    (a server inside listens on ``GUEST_ADDRESS``, exported as ``$SM_TESTBED_ADDRESS``).
     """
     project = (project or Path.cwd()).resolve()
+    forwards = tuple(forwards)
+    _check_free(forwards)
     with tempfile.TemporaryDirectory(prefix="testbed-run-") as run_name:
         run_dir = Path(run_name)
         shares = _shares(run_dir, project)
-        (run_dir / "job.sh").write_text(_job_script(command, project, shares))
+        (run_dir / "job.sh").write_text(_job_script(command, project, shares, forwards))
         for attempt in range(1, attempts + 1):
             try:
                 return _boot_and_run(image, run_dir, shares, memory_mib, timeout, boot_timeout,
-                                     stall_timeout)
+                                     stall_timeout, forwards)
             except TestbedError as error:
                 if error.status != EXIT_STALLED or attempt == attempts:
                     raise
@@ -178,9 +241,10 @@ def run(image: TestbedImage, command: list[str], memory_mib: int = 4096,
 
 
 def _boot_and_run(image: TestbedImage, run_dir: Path, shares: dict[str, Path], memory_mib: int,
-                  timeout: float, boot_timeout: float, stall_timeout: float) -> int:
+                  timeout: float, boot_timeout: float, stall_timeout: float,
+                  forwards: tuple[Forward, ...]) -> int:
     console_log = run_dir / "console.log"
-    qemu = subprocess.Popen(qemu_command(image, shares, console_log, memory_mib),
+    qemu = subprocess.Popen(qemu_command(image, shares, console_log, memory_mib, forwards),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
     try:
