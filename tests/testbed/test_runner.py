@@ -76,7 +76,8 @@ def free_port() -> int:
 
 
 def fetch_until_served(url: str, runner: subprocess.Popen) -> str:
-    """Until the server inside listens, QEMU accepts and drops the connection."""
+    """Until the server inside listens, QEMU accepts the connection and drops it (or, before
+    the test bed's NIC is up, leaves it hanging)."""
     while runner.poll() is None:
         try:
             with urllib.request.urlopen(url, timeout=30) as response:
