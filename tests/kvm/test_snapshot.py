@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from vmm import Machine
+from vmm.snapshot import snapshot as snapshots
 from vmm.snapshot.errors import CorruptSnapshot, IncompatibleSnapshot, SnapshotError
 from vmm.snapshot.state_file import read_state, write_state
 
@@ -89,12 +90,12 @@ def ask(machine: Machine, *words) -> object:
 
 
 @pytest.fixture(scope="module")
-def snapshots(tmp_path_factory) -> Path:
+def snapshot_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("snapshots")
 
 
 @pytest.fixture(scope="module")
-def holder(snapshots):
+def holder(snapshot_dir):
     """A running machine whose guest holds the state, and a full snapshot of it taken
     with its digest and counter at that moment."""
     with Machine.boot(memory_mib=1024, fresh=True) as machine:
@@ -108,7 +109,7 @@ def holder(snapshots):
             time.sleep(0.5)
         counter_before = ask(machine, "counter")
         digest = ask(machine, "digest")
-        info = machine.snapshot(snapshots / "held")
+        info = machine.snapshot(snapshot_dir / "held")
         yield machine, info, digest, counter_before
 
 
@@ -145,12 +146,12 @@ def test_one_snapshot_restores_into_three_machines_that_diverge(holder):
             m.stop()
 
 
-def test_a_diff_chain_restores_at_every_link(holder, snapshots):
+def test_a_diff_chain_restores_at_every_link_and_flattens(holder, snapshot_dir):
     machine, _, _, _ = holder
-    links = [machine.snapshot(snapshots / "chain-0")]
+    links = [machine.snapshot(snapshot_dir / "chain-0")]
     for value in range(1, 6):
         ask(machine, "set", value)
-        links.append(machine.snapshot(snapshots / f"chain-{value}", diff=True))
+        links.append(machine.snapshot(snapshot_dir / f"chain-{value}", diff=True))
     for value, info in enumerate(links[1:], start=1):
         assert info.parent == links[value - 1].path
         # A diff holds the pages written since its parent, not the whole guest.
@@ -162,6 +163,12 @@ def test_a_diff_chain_restores_at_every_link(holder, snapshots):
                 assert got[0] != 1 and got[2] != "set 1"
             else:
                 assert got == [value, float(value), f"set {value}"]
+    flat = snapshots.flatten(links[-1].path, snapshot_dir / "chain-flat")
+    assert flat.parent is None
+    for link in links:                        # the flat copy needs none of the chain
+        shutil.rmtree(link.path)
+    with Machine.restore(flat.path) as restored:
+        assert ask(restored, "get") == [5, 5.0, "set 5"]
 
 
 def test_a_restored_machine_keeps_time(holder):
@@ -199,12 +206,12 @@ def test_the_second_boot_of_an_image_is_served_from_its_warm_snapshot():
 
 
 @pytest.fixture(scope="module")
-def small_snapshot(snapshots):
+def small_snapshot(snapshot_dir):
     with Machine.boot(memory_mib=256, fresh=True) as machine:
         machine.exec(["sh", "-c", "echo kept > /tmp/mark"])
-        info = machine.snapshot(snapshots / "small")
+        info = machine.snapshot(snapshot_dir / "small")
         machine.exec(["sh", "-c", "echo changed > /tmp/mark"])
-        diff = machine.snapshot(snapshots / "small-diff", diff=True)
+        diff = machine.snapshot(snapshot_dir / "small-diff", diff=True)
     return info, diff
 
 

@@ -257,7 +257,13 @@ def load(path: str | os.PathLike, kvm: Kvm) -> tuple[dict, RestorePoint]:
     except (KeyError, TypeError, IndexError):
         raise CorruptSnapshot(f"{path}/{STATE_FILE} has no usable vCPU state") from None
     _check_disks(record, path)
-    layout = [tuple(pair) for pair in record["machine"]["layout"]]
+    return record, RestorePoint(_layered_memory(chain), record["state"])
+
+
+def _layered_memory(chain: list[tuple[Path, dict]]) -> GuestMemory:
+    """Guest RAM of the last snapshot of ``chain``: the root's memory file mapped
+    copy-on-write, each diff's pages read over it."""
+    layout = [tuple(pair) for pair in chain[-1][1]["machine"]["layout"]]
     with open(chain[0][0] / MEMORY_FILE, "rb") as root:
         memory = GuestMemory(layout, backing=root.fileno())
     try:
@@ -269,7 +275,37 @@ def load(path: str | os.PathLike, kvm: Kvm) -> tuple[dict, RestorePoint]:
     except BaseException:
         memory.close()
         raise
-    return record, RestorePoint(memory, record["state"])
+    return memory
+
+
+def flatten(path: str | os.PathLike, target: str | os.PathLike) -> SnapshotInfo:
+    """Write the snapshot at ``path`` (a diff and its parents) as one full snapshot at
+    ``target``, which needs no parent; ``path`` itself is left as it is."""
+    path, target = Path(path).absolute(), Path(target).absolute()
+    chain = _chain(path)
+    _check_same_machine(chain)
+    record = {**chain[-1][1], "parent": None, "parent_created": None, "pages": None}
+    memory = _layered_memory(chain)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = target.parent / f".{target.name}.saving-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        fd = os.open(work / MEMORY_FILE, os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            write_full(memory, fd)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        write_state(work / STATE_FILE, record)
+    except OSError as error:
+        shutil.rmtree(work, ignore_errors=True)
+        raise SnapshotError(f"could not write the flattened snapshot to {target}: "
+                            f"{error.strerror or error}") from None
+    finally:
+        memory.close()
+    _replace_directory(work, target)
+    return _info(target, record)
 
 
 def remove(path: str | os.PathLike) -> None:
