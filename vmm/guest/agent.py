@@ -50,6 +50,8 @@ HEARTBEAT_SECONDS = 5.0
 # After the process exits, output pipes held open by its background children are read
 # for at most this long before EXIT is sent.
 EXIT_DRAIN_SECONDS = 0.5
+# A forward op gives up connecting to the guest's TCP port after this long.
+FORWARD_CONNECT_SECONDS = 5.0
 
 # Frame types.
 HELLO = 1      # JSON, both ways: version handshake, first frame of a connection
@@ -134,6 +136,11 @@ class FrameReader:
             body = bytes(view[FRAME_HEADER.size:end])
         del buf[:end]
         return frame_type, body
+
+    def take_buffer(self):
+        """Bytes received but not yet returned as a frame (a connection leaving the protocol)."""
+        data, self._buf = bytes(self._buf), bytearray()
+        return data
 
     def _fill(self, wanted=0):
         chunk = self._recv(min(max(wanted, 65536), _RECV_SIZE))
@@ -821,6 +828,7 @@ class Connection:
         self.sock = sock
         self.frames = FrameReader(sock.recv)
         self._send_lock = threading.Lock()
+        self.handed_over = False  # a forward op made the connection a raw byte pipe
 
     def send(self, frame_type, body=b""):
         with self._send_lock:
@@ -847,7 +855,7 @@ class Connection:
     def serve(self):
         try:
             self._handshake()
-            while True:
+            while not self.handed_over:
                 frame = self.frames.read()
                 if frame is None:
                     return
@@ -883,15 +891,19 @@ class Connection:
             raise ConnectionLost("protocol version mismatch")
         self.send_json(HELLO, {
             "protocol": PROTOCOL_VERSION, "agent": AGENT_NAME, "pid": os.getpid(),
-            "python": platform.python_version(), "max_frame": MAX_FRAME,
+            "python": platform.python_version(), "max_frame": MAX_FRAME, "ops": sorted(self._handlers()),
         })
+
+    def _handlers(self):
+        return {
+            "ping": self._op_ping, "stats": self._op_stats, "set_clock": self._op_set_clock,
+            "exec": self._op_exec, "put": self._op_put, "get": self._op_get,
+            "forward": self._op_forward,
+        }
 
     def _run(self, request):
         op = request.get("op")
-        handler = {
-            "ping": self._op_ping, "stats": self._op_stats, "set_clock": self._op_set_clock,
-            "exec": self._op_exec, "put": self._op_put, "get": self._op_get,
-        }.get(op)
+        handler = self._handlers().get(op)
         try:
             if handler is None:
                 raise OpError("bad_request", f"unknown operation {op!r}")
@@ -960,6 +972,30 @@ class Connection:
 
     def _op_exec(self, request):
         Exec(self, request).run()
+
+    def _op_forward(self, request):
+        """Connect to 127.0.0.1:port in the guest; after the REPLY the connection carries
+        that TCP stream's bytes both ways, unframed, until either side closes."""
+        port = _require(request, "port", int)
+        if not 0 < port < 65536:
+            raise OpError("bad_request", "'port' must be in 1..65535")
+        try:
+            target = socket.create_connection(("127.0.0.1", port), timeout=FORWARD_CONNECT_SECONDS)
+        except OSError as error:
+            raise OpError("connection_refused", f"cannot connect to 127.0.0.1:{port} in the guest: "
+                                                f"{error.strerror or error}") from None
+        target.settimeout(None)
+        target.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.handed_over = True
+        try:
+            self.send_json(REPLY, {})
+            leftover = self.frames.take_buffer()  # the client must wait for REPLY, but be exact
+            if leftover:
+                target.sendall(leftover)
+        except (ConnectionLost, OSError):
+            target.close()
+            raise ConnectionLost("closed during forward setup") from None
+        pipe_bytes(self.sock, target)
 
 
 class DataStream:
@@ -1271,6 +1307,32 @@ class StdinFeeder:
                 os.close(devnull)
             except OSError:
                 pass
+
+
+def pipe_bytes(a, b):
+    """Copy bytes both ways between two connected stream sockets until both directions
+    end; an end of file is passed on as a half close, an error closes both."""
+
+    def copy(source, sink):
+        try:
+            while True:
+                data = source.recv(_RECV_SIZE)
+                if not data:
+                    break
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    other = threading.Thread(target=copy, args=(b, a), name="forward", daemon=True)
+    other.start()
+    copy(a, b)
+    other.join()
+    b.close()
 
 
 # ---------------------------------------------------------------- main

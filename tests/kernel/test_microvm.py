@@ -1,0 +1,69 @@
+"""What only a microVM kernel does: %sm snapshot / restore of real state, and what a cell
+can do to its VM. SIGKILL to the guest's init changes nothing (Linux protects PID 1); a
+kernel panic stops the microVM, the cell gets one error, and a new one boots."""
+
+import pytest
+from jupyter_client.manager import start_new_kernel
+
+from tests.kernel.conftest import STARTUP_TIMEOUT, VM_KERNEL, execute, stdout_of
+
+
+@pytest.fixture(scope="module")
+def kc(linux_kvm):
+    km, kc = start_new_kernel(kernel_name=VM_KERNEL, startup_timeout=STARTUP_TIMEOUT)
+    yield kc
+    kc.stop_channels()
+    km.shutdown_kernel(now=False)
+
+
+def display_text(outputs):
+    return "".join(c["data"]["text/plain"] for t, c in outputs if t == "display_data")
+
+
+def test_restore_brings_back_variables_imports_open_files_and_the_counter(kc):
+    reply, _ = execute(kc, "import json, fractions\nstate = {'n': 41}\n"
+                           "log = open('/tmp/sm-log.txt', 'w+')\nlog.write('line one\\n')\nlog.flush()")
+    assert reply["status"] == "ok"
+    reply, outputs = execute(kc, "%sm snapshot one")
+    assert reply["status"] == "ok" and "snapshot one: cell" in display_text(outputs)
+    counter = execute(kc, "1")[0]["execution_count"]
+
+    execute(kc, "state['n'] = 0\ndel fractions\nlog.write('line two\\n')\nlog.close()")
+    reply, outputs = execute(kc, "%sm restore one")
+    assert reply["status"] == "ok" and "restored one" in display_text(outputs)
+
+    reply, outputs = execute(kc, "log.write('line three\\n'); log.seek(0)\n"
+                                 "print(state['n'] + 1, fractions.Fraction(1, 2), json.dumps(log.read()))")
+    assert reply["status"] == "ok", reply
+    assert stdout_of(outputs) == '42 1/2 "line one\\nline three\\n"\n'
+    assert reply["execution_count"] == counter  # the counter came back with the state
+
+
+def test_diff_snapshots_list_and_delete(kc):
+    execute(kc, "%sm snapshot one-b")
+    execute(kc, "%sm snapshot two")
+    reply, outputs = execute(kc, "%sm list")
+    rows = {line.split()[0]: line.split() for line in display_text(outputs).splitlines()[2:]}
+    assert rows["two"][-1] == "one-b"
+    reply, _ = execute(kc, "%sm delete one-b")
+    assert reply["status"] == "error" and "is the base of two" in reply["evalue"]
+    assert execute(kc, "%sm delete two")[0]["status"] == "ok"
+    assert execute(kc, "%sm delete one-b")[0]["status"] == "ok"
+    reply, _ = execute(kc, "%sm restore two")
+    assert reply["status"] == "error" and reply["evalue"].startswith("no snapshot named 'two'")
+    assert execute(kc, "print(6 * 7)")[0]["status"] == "ok"
+
+
+def test_sigkill_to_the_guest_init_is_harmless(kc):
+    reply, outputs = execute(kc, "import os\nos.kill(1, 9)\nkept = 'yes'\nprint(kept)")
+    assert reply["status"] == "ok"
+    assert stdout_of(outputs) == "yes\n"
+
+
+def test_a_guest_kernel_panic_gives_one_error_and_a_new_microvm(kc):
+    reply, outputs = execute(kc, "open('/proc/sysrq-trigger', 'w').write('c')", timeout=STARTUP_TIMEOUT)
+    assert reply["status"] == "error" and reply["ename"] == "GuestKernelLost"
+    assert "the microVM stopped" in reply["evalue"]
+    assert len([c for t, c in outputs if t == "error"]) == 1
+    reply, outputs = execute(kc, "print('kept' in globals(), 6 * 7)", timeout=STARTUP_TIMEOUT)
+    assert stdout_of(outputs) == "False 42\n"
