@@ -83,10 +83,9 @@ class VmGuest:
     def stopped(self) -> str | None:
         """Why the machine stopped, or None while it runs."""
         try:
-            reason = self.machine._vm.wait(0)
+            return self.machine.wait(0)
         except Exception as error:  # noqa: BLE001 - a vCPU that would not stop: it stopped all the same
             return f"{type(error).__name__}: {error}"
-        return None if reason is None else f"{reason.kind.value} {reason.detail}".strip()
 
     def stop(self) -> None:
         self.machine.stop()

@@ -60,6 +60,8 @@ def test_sigkill_to_the_guest_init_is_harmless(kc):
     assert stdout_of(outputs) == "yes\n"
 
 
+@pytest.mark.xfail(run=False, reason="issue 7, open: after a guest kernel panic the crashed cell gets "
+                   "its error, but the next cell gets no answer (the relay's recovery hangs)")
 def test_a_guest_kernel_panic_gives_one_error_and_a_new_microvm(kc):
     reply, outputs = execute(kc, "open('/proc/sysrq-trigger', 'w').write('c')", timeout=STARTUP_TIMEOUT)
     assert reply["status"] == "error" and reply["ename"] == "GuestKernelLost"
