@@ -20,7 +20,8 @@ setup: system-packages $(VENV)/.installed tests/browser/node_modules/.installed
 
 # playwright-core drives Debian's Chromium in the browser test (tests/browser).
 tests/browser/node_modules/.installed: tests/browser/package.json tests/browser/package-lock.json
-	@command -v npm > /dev/null || { $(SUDO) apt-get install -y -q --no-install-recommends npm; }
+	@command -v npm > /dev/null || { $(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends npm; }
 	npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
 	@touch $@
 
