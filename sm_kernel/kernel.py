@@ -158,6 +158,8 @@ class SmKernel:
         self.tmpdir = tempfile.mkdtemp(prefix="sm-kernel-")
         os.chmod(self.tmpdir, 0o700)
         self.store = SnapshotStore()
+        self.panel = None   # the %sm balloon panel (sm_kernel/balloon_panel.py), once opened
+        self._loop_thread: threading.Thread | None = None
         self.guest = None
         self.kernel: GuestKernel | None = None
         self.link: GuestLink | None = None
@@ -187,6 +189,7 @@ class SmKernel:
         signal.signal(signal.SIGINT, lambda *_: self.post("interrupt"))
         signal.signal(signal.SIGTERM, lambda *_: self.post("terminate"))
         self.run_job("start", self._start_guest, self._started)
+        self._loop_thread = threading.current_thread()
         try:
             self._loop()
         finally:
@@ -194,6 +197,7 @@ class SmKernel:
 
     def close(self) -> None:
         """Stop the guest, remove this session's files, and let queued replies go out."""
+        self._close_panel()
         if self.link:
             self.link.close()
             self.link = None
@@ -440,6 +444,8 @@ class SmKernel:
                 generation, message = payload
                 if generation == self.generation:
                     self._from_executor(message)
+            elif kind == "publish":
+                self._publish_for_panel(*payload)
             elif kind == "interrupt":
                 self._interrupt()
             elif kind == "terminate":
@@ -462,6 +468,8 @@ class SmKernel:
             item = Incoming(channel, idents, parts, msg["header"])
             if item.msg_type in ("execute_request", "shutdown_request", "interrupt_request"):
                 item.content = _json(parts[4])
+            if channel == "shell" and self._panel_message(item, parts):
+                continue
             if channel == "shell":
                 self.held.append(item)
                 self._drain()
@@ -754,6 +762,7 @@ class SmKernel:
         try:
             call = magics.parse(code)
             handler = getattr(self, f"_magic_{call.name}")
+            self._magic_parent = header
             handler(call, finish)
         except Exception as error:  # noqa: BLE001 - shown to the user as one line
             finish(None, error)
@@ -793,6 +802,52 @@ class SmKernel:
             finish(magics.table(["", ""], rows, "sm status"), None)
 
         self.run_job("status", work, done)
+
+    # ------------------------------------------------------------------ %sm balloon
+
+    def _magic_balloon(self, call, finish) -> None:
+        if not self.guest.isolated:
+            raise magics.MagicUsageError("this kernel runs without a VM (--no-vm): it has no balloon")
+        # Imported when asked for: ipywidgets takes a moment to load.
+        from sm_kernel.balloon_panel import BalloonPanel
+
+        if self.panel is None or self.panel.closed:
+            self.panel = BalloonPanel(self.guest.machine.balloon, self._send_for_panel)
+        self.panel.open(self._magic_parent)
+        finish(None, None)
+
+    def _send_for_panel(self, msg_type: str, content: dict, parent: dict, metadata: dict) -> None:
+        """The panel's messages go out on iopub: now on the loop's thread (before the
+        reply that ends the request), through the loop from its refresh thread."""
+        if threading.current_thread() is self._loop_thread:
+            self._publish_for_panel(msg_type, content, parent, metadata)
+        else:
+            self.post("publish", msg_type, content, parent, metadata)
+
+    def _publish_for_panel(self, msg_type: str, content: dict, parent: dict, metadata: dict) -> None:
+        self.session.send(self.iopub, msg_type, content, parent=parent, metadata=metadata,
+                          ident=f"kernel.sm.{msg_type}".encode())
+
+    def _panel_message(self, item: Incoming, parts: list[bytes]) -> bool:
+        """A frontend comm message for the panel's widgets: handled at once, here, even
+        while a cell runs in the guest. False for everything else."""
+        if self.panel is None or item.msg_type not in ("comm_msg", "comm_close"):
+            return False
+        content = _json(parts[4])
+        if not self.panel.owns(content.get("comm_id")):
+            return False
+        self._publish_status(item.header, "busy")
+        try:
+            self.panel.handle(item.msg_type, content, item.header)
+        except Exception:  # noqa: BLE001 - a bad widget message must not stop the kernel
+            log.exception("the balloon panel could not handle a %s", item.msg_type)
+        self._publish_status(item.header, "idle")
+        return True
+
+    def _close_panel(self) -> None:
+        if self.panel is not None:
+            self.panel.close()
+            self.panel = None
 
     def _require_snapshots(self) -> None:
         if not self.guest.isolated:
@@ -862,6 +917,7 @@ class SmKernel:
                 self._connect()
                 self._on_ready.append(lambda: finish(None, error))
                 return
+            self._close_panel()
             self.guest, self.kernel, started = result
             self.snapshot_parent = name  # a restored machine's next diff builds on its snapshot
             self.execution_count = entry.cell

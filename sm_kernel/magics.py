@@ -53,8 +53,13 @@ def magic_delete(name):
     """%sm delete NAME — delete snapshot NAME and its files."""
 
 
+def magic_balloon():
+    """%sm balloon — a panel: give guest memory back to the host, and watch the figures."""
+
+
 MAGICS = {f.__name__.removeprefix("magic_"): f for f in (
-    magic_help, magic_status, magic_timeout, magic_snapshot, magic_restore, magic_list, magic_delete)}
+    magic_help, magic_status, magic_timeout, magic_snapshot, magic_restore, magic_list, magic_delete,
+    magic_balloon)}
 
 
 def is_magic_cell(code: str) -> bool:
@@ -79,7 +84,7 @@ def parse(code: str) -> MagicCall:
     name, args = words[0], words[1:]
     if name not in MAGICS:
         raise MagicUsageError(f"unknown %sm command {name!r}: try one of " + ", ".join(MAGICS))
-    if name in ("help", "status", "list"):
+    if name in ("help", "status", "list", "balloon"):
         _arity(name, args, 0, 0)
         return MagicCall(name, ())
     if name == "timeout":

@@ -127,8 +127,6 @@ def test_a_cell_run_in_the_browser_shows_the_sm_kernels_output(lab):
     assert "lab.mjs: print(6*7) printed 42\n" in result.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8: `%sm balloon` (sm_kernel/balloon_panel.py) is not "
-                   "wired into the kernel yet; this must start passing when it is")
 def test_moving_the_balloon_slider_in_the_browser_changes_the_balloon(lab):
     result = run_in_browser(lab, "balloon")
     assert result.returncode == 0, result.stdout + result.stderr + lab.log_tail()

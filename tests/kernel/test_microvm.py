@@ -2,10 +2,18 @@
 can do to its VM. SIGKILL to the guest's init changes nothing (Linux protects PID 1); a
 kernel panic stops the microVM, the cell gets one error, and a new one boots."""
 
+import re
+
 import pytest
 from jupyter_client.manager import start_new_kernel
 
-from tests.kernel.conftest import STARTUP_TIMEOUT, VM_KERNEL, execute, stdout_of
+from tests.kernel.conftest import (
+    STARTUP_TIMEOUT,
+    VM_KERNEL,
+    execute,
+    iopub_until,
+    stdout_of,
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +77,23 @@ def test_a_guest_kernel_panic_gives_one_error_and_a_new_microvm(kc):
     assert len([c for t, c in outputs if t == "error"]) == 1
     reply, outputs = execute(kc, "print('kept' in globals(), 6 * 7)", timeout=STARTUP_TIMEOUT)
     assert stdout_of(outputs) == "False 42\n"
+
+
+def test_sm_balloon_opens_a_panel_whose_slider_drives_the_guests_balloon(kc):
+    reply, outputs = execute(kc, "%sm balloon")
+    assert reply["status"] == "ok"
+    states = {c["comm_id"]: c["data"]["state"] for t, c in outputs if t == "comm_open"}
+    slider_id, slider = next((i, s) for i, s in states.items() if s["_model_name"] == "IntSliderModel")
+    assert (slider["min"], slider["max"]) == (0, 768)           # the kernelspec's guest RAM
+    views = [c for t, c in outputs if t == "display_data"]
+    assert views and "application/vnd.jupyter.widget-view+json" in views[0]["data"]
+
+    # The frontend moves the slider: a comm_msg the host kernel handles, not the guest.
+    kc.shell_channel.send(kc.session.msg("comm_msg", {
+        "comm_id": slider_id, "data": {"method": "update", "state": {"value": 64}, "buffer_paths": []}}))
+    balloon_reached = re.compile(r"^64 MiB \(target 64 MiB\)$")
+    iopub_until(kc, lambda msg: msg["msg_type"] == "comm_msg" and any(
+        isinstance(v, str) and balloon_reached.match(v)
+        for v in msg["content"]["data"].get("state", {}).values()), timeout=STARTUP_TIMEOUT)
+    reply, outputs = execute(kc, "print(6 * 7)")
+    assert stdout_of(outputs) == "42\n"                            # the guest carries on
