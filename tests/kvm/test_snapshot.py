@@ -207,7 +207,7 @@ def test_the_second_boot_of_an_image_is_served_from_its_warm_snapshot():
 
 @pytest.fixture(scope="module")
 def small_snapshot(snapshot_dir):
-    with Machine.boot(memory_mib=256, fresh=True) as machine:
+    with Machine.boot(memory_mib=512, fresh=True) as machine:
         machine.exec(["sh", "-c", "echo kept > /tmp/mark"])
         info = machine.snapshot(snapshot_dir / "small")
         machine.exec(["sh", "-c", "echo changed > /tmp/mark"])
@@ -284,8 +284,8 @@ def test_snapshot_from_a_cpu_with_more_features(small_snapshot, tmp_path):
 
 def test_memory_file_of_another_size(small_snapshot, tmp_path):
     path = _copy(small_snapshot[0], tmp_path)
-    os.truncate(path / "memory", 512 << 20)
-    _restore_fails(path, CorruptSnapshot, "holds 512 MiB, the machine had 256 MiB")
+    os.truncate(path / "memory", 1024 << 20)
+    _restore_fails(path, CorruptSnapshot, "holds 1024 MiB, the machine had 512 MiB")
 
 
 def test_missing_parent_of_a_diff(small_snapshot, tmp_path):
@@ -306,7 +306,7 @@ def test_disk_full_while_saving_keeps_the_previous_snapshot(tmp_path):
     small_disk.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(small_disk)], check=True)
     try:
-        with Machine.boot(memory_mib=256, fresh=True) as machine:
+        with Machine.boot(memory_mib=512, fresh=True) as machine:
             machine.exec(["sh", "-c", "echo first > /tmp/mark"])
             first = machine.snapshot(small_disk / "snap")
             # Fill the disk so that a second copy cannot fit.
