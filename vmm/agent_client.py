@@ -400,6 +400,11 @@ class AgentClient:
         """Set the guest's wall clock (default: this host's time), e.g. after a restore."""
         self._run("set_clock", {"time": time.time() if ts is None else float(ts)})
 
+    def reseed(self, seed: bytes | None = None) -> None:
+        """Reseed the guest kernel's random generator (default: 64 bytes from this host's),
+        e.g. after a restore, so that clones of one snapshot do not share it."""
+        self._run("reseed", {"seed": (os.urandom(64) if seed is None else seed).hex()})
+
     def exec(self, argv: list[str], stdin: bytes | None = None, env: dict[str, str] | None = None,
              cwd: str | None = None, user: str | None = None, timeout: float | None = None,
              pty: bool = False) -> ExecResult:

@@ -167,6 +167,7 @@ class Machine:
             vm.start()
             agent = _wait_for_agent(vm, _image_from_meta(meta), kept, time.monotonic() + timeout)
             agent.set_clock()   # the guest's wall clock stood still while it was saved
+            agent.reseed()      # and every clone of the snapshot would share its CRNG
             record = _image_record(meta)   # after start: the store may be slow to read
         except BaseException:
             vm.close()

@@ -196,6 +196,15 @@ def test_set_clock_rejects_nonsense(client):
         client.set_clock(-5)
 
 
+def test_reseed_takes_host_entropy_and_rejects_a_bad_seed(client):
+    client.reseed()     # as root this credits the host's own pool: harmless
+    for seed in (b"short", b"x" * 513):
+        with pytest.raises(AgentRequestFailed, match="'seed' must be 16 to 512 bytes"):
+            client.reseed(seed)
+    with pytest.raises(AgentRequestFailed, match="'seed' must be"):
+        client._run("reseed", {"seed": "not hex"})
+
+
 def test_large_stdout_stream(tmp_path, host_agent):
     data = os.urandom(50 * 1024 * 1024)
     source = tmp_path / "big"
