@@ -8,6 +8,8 @@ bed there); they are never skipped.
 import pytest
 
 from vmm import hostkvm
+
+pytest_plugins = ["tests.progress"]
 from vmm.guest.initramfs import build_initramfs
 from vmm.guest.kernel import GuestKernel, ensure_kernel
 

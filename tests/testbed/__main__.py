@@ -73,10 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--memory", type=int, default=6144, metavar="MiB")
         sub.add_argument("--timeout", type=float, default=3600, metavar="S",
-                         help="limit on the command's run time")
+                         help="limit on the command's run time, over every attempt")
         sub.add_argument("--boot-timeout", type=float, default=300, metavar="S")
-        sub.add_argument("--stall-timeout", type=float, default=900, metavar="S",
-                         help="no output for S seconds: boot the test bed again, once")
+        sub.add_argument("--stall-timeout", type=float, default=600, metavar="S",
+                         help="no output for S seconds: the test bed is wedged; boot it again "
+                              "(3 attempts in all, as when it crashes)")
         sub.add_argument("--forward", type=_forward, action="append", default=[],
                          metavar="HOSTPORT:GUESTPORT",
                          help="forward the host's 127.0.0.1:HOSTPORT to GUESTPORT inside the test "

@@ -39,9 +39,10 @@ _PR_SET_PDEATHSIG = 1
 class TestbedError(Exception):
     """The test bed could not run the command; the message is the one line to show."""
 
-    def __init__(self, message: str, status: int = EXIT_TESTBED_FAILED):
+    def __init__(self, message: str, status: int = EXIT_TESTBED_FAILED, died: bool = False):
         super().__init__(message)
         self.status = status
+        self.died = died    # the test bed wedged or crashed under a running command
 
 
 def _die_with_parent() -> None:
@@ -127,6 +128,7 @@ def _job_script(command: list[str], project: Path, shares: dict[str, Path],
         # Snapshots are mapped into guests page by page: keep them off the 9p share.
         "export SM_SNAPSHOTS=/var/tmp/sm-snapshots",
         "export PYTHONUNBUFFERED=1",  # stream Python's output as it comes, not at exit
+        "export SM_TESTBED_PROGRESS=/testbed/progress",   # survives a reboot: see run()
     ]
     if not sys.stdout.isatty():
         lines.append("export PY_COLORS=0 NO_COLOR=1")
@@ -169,12 +171,13 @@ def _show_console_tail(console_log: Path, lines: int = 40) -> None:
         print("".join(tail.splitlines(keepends=True)[-lines:]), file=sys.stderr, flush=True)
 
 
-def _stream(qemu: subprocess.Popen, boot_timeout: float, timeout: float,
+def _stream(qemu: subprocess.Popen, boot_timeout: float, timeout: float, end: float,
             stall_timeout: float) -> None:
-    """Copy QEMU's console to stdout until it exits, enforcing the deadlines."""
+    """Copy QEMU's console to stdout until it exits, enforcing the deadlines: ``end`` is
+    when the command's ``timeout`` runs out, over every attempt."""
     started = time.monotonic()
     last_output = started
-    deadline = started + boot_timeout
+    deadline = min(started + boot_timeout, end)
     booted_at = 0.0
     seen = b""
     out = sys.stdout.buffer
@@ -182,14 +185,14 @@ def _stream(qemu: subprocess.Popen, boot_timeout: float, timeout: float,
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            if booted_at:
+            if booted_at or deadline == end:
                 raise TestbedError(f"the command ran past its timeout of {timeout:.0f} s; "
                                    "stopped the test bed", EXIT_TIMEOUT)
             raise TestbedError(f"the test bed did not boot within {boot_timeout:.0f} s "
                                "(its console is above)")
         if booted_at and time.monotonic() - last_output > stall_timeout:
             raise TestbedError(f"no output for {stall_timeout:.0f} s: the test bed seems wedged",
-                               EXIT_STALLED)
+                               EXIT_STALLED, died=True)
         ready, _, _ = select.select([fd], [], [], min(remaining, stall_timeout))
         if not ready:
             continue
@@ -203,20 +206,23 @@ def _stream(qemu: subprocess.Popen, boot_timeout: float, timeout: float,
             seen = (seen + chunk)[-4096:]
             if READY_MARKER in seen:
                 booted_at = time.monotonic()
-                deadline = booted_at + timeout
+                deadline = end
                 print(f"testbed: booted in {booted_at - started:.1f} s", file=sys.stderr,
                       flush=True)
 
 
 def run(image: TestbedImage, command: list[str], memory_mib: int = 4096,
-        timeout: float = 3600.0, boot_timeout: float = 300.0, stall_timeout: float = 900.0,
-        attempts: int = 2, project: Path | None = None,
+        timeout: float = 3600.0, boot_timeout: float = 300.0, stall_timeout: float = 600.0,
+        attempts: int = 3, project: Path | None = None,
         forwards: tuple[Forward, ...] = ()) -> int:
     """Run ``command`` in the test bed and return its exit status.
 
-    A test bed that prints nothing for ``stall_timeout`` seconds is taken as wedged (seen
-    rarely under QEMU's emulator of nested SVM) and booted again, up to ``attempts`` times;
-    the command sees the same run directory (``/testbed``) each time.
+    A test bed that prints nothing for ``stall_timeout`` seconds is taken as wedged, and one
+    that stops before the command finished as crashed (both seen under QEMU's emulator of
+    nested SVM); either is booted again, up to ``attempts`` times in all, within the one
+    ``timeout``. The command sees the same run directory (``/testbed``) each time, and in
+    ``$SM_TESTBED_PROGRESS`` a file there that a resumable command (our pytest suite, through
+    tests/progress.py) uses to pick up where the last attempt stopped.
 
     Each of ``forwards`` makes a port of the test bed reachable at the host's 127.0.0.1
     (a server inside listens on ``GUEST_ADDRESS``, exported as ``$SM_TESTBED_ADDRESS``).
@@ -224,16 +230,17 @@ def run(image: TestbedImage, command: list[str], memory_mib: int = 4096,
     project = (project or Path.cwd()).resolve()
     forwards = tuple(forwards)
     _check_free(forwards)
+    end = time.monotonic() + timeout
     with tempfile.TemporaryDirectory(prefix="testbed-run-") as run_name:
         run_dir = Path(run_name)
         shares = _shares(run_dir, project)
         (run_dir / "job.sh").write_text(_job_script(command, project, shares, forwards))
         for attempt in range(1, attempts + 1):
             try:
-                return _boot_and_run(image, run_dir, shares, memory_mib, timeout, boot_timeout,
-                                     stall_timeout, forwards)
+                return _boot_and_run(image, run_dir, shares, memory_mib, boot_timeout, timeout,
+                                     end, stall_timeout, forwards)
             except TestbedError as error:
-                if error.status != EXIT_STALLED or attempt == attempts:
+                if not error.died or attempt == attempts:
                     raise
                 print(f"testbed: {error}; booting it again (attempt {attempt + 1} of {attempts})",
                       file=sys.stderr, flush=True)
@@ -241,14 +248,14 @@ def run(image: TestbedImage, command: list[str], memory_mib: int = 4096,
 
 
 def _boot_and_run(image: TestbedImage, run_dir: Path, shares: dict[str, Path], memory_mib: int,
-                  timeout: float, boot_timeout: float, stall_timeout: float,
+                  boot_timeout: float, timeout: float, end: float, stall_timeout: float,
                   forwards: tuple[Forward, ...]) -> int:
     console_log = run_dir / "console.log"
     qemu = subprocess.Popen(qemu_command(image, shares, console_log, memory_mib, forwards),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
     try:
-        _stream(qemu, boot_timeout, timeout, stall_timeout)
+        _stream(qemu, boot_timeout, timeout, end, stall_timeout)
     except TestbedError:
         _show_console_tail(console_log)
         raise
@@ -260,5 +267,5 @@ def _boot_and_run(image: TestbedImage, run_dir: Path, shares: dict[str, Path], m
     if not status_file.exists():
         _show_console_tail(console_log)
         raise TestbedError(f"the test bed stopped before the command finished "
-                           f"(QEMU exit status {qemu.returncode}; its console is above)")
+                           f"(QEMU exit status {qemu.returncode}; its console is above)", died=True)
     return int(status_file.read_text().strip() or EXIT_TESTBED_FAILED)

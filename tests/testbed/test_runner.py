@@ -59,13 +59,23 @@ def test_a_command_past_its_timeout_is_stopped_with_one_line():
     assert set(leftover_qemus()) - others == set()
 
 
-def test_a_wedged_test_bed_is_booted_again_once():
+def test_a_wedged_test_bed_is_booted_again():
     result = run_testbed("--stall-timeout", "15", "--", "sh", "-c",
                          "test -e /testbed/first && echo second attempt && exit 0; "
                          "touch /testbed/first; sleep 600")
     assert "testbed: no output for 15 s: the test bed seems wedged; booting it again " \
-           "(attempt 2 of 2)" in result.stderr
+           "(attempt 2 of 3)" in result.stderr
     assert result.stdout.splitlines()[-1] == "second attempt"
+    assert result.returncode == 0
+
+
+def test_after_a_crashed_test_bed_the_suite_resumes_where_it_stopped():
+    result = run_testbed("--", "python", "-m", "pytest", "tests/testbed/sample_resumable.py")
+    assert "testbed: the test bed stopped before the command finished" in result.stderr
+    assert "booting it again (attempt 2 of 3)" in result.stderr
+    assert "Kernel panic" in result.stderr      # the console's tail says why
+    assert "1 tests finished earlier (0 failed) are left out" in result.stdout, result.stdout
+    assert "2 passed, 1 deselected" in result.stdout
     assert result.returncode == 0
 
 
