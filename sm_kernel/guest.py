@@ -58,6 +58,16 @@ class VmGuest:
             raise GuestError(f"the microVM could not start: {error}") from None
         return cls(machine, image, cpus, memory_mib)
 
+    @classmethod
+    def restore(cls, path, image: str | None, cpus: int, memory_mib: int) -> VmGuest:
+        from vmm.machine import Machine, MachineError
+        from vmm.snapshot.errors import SnapshotError
+        try:
+            machine = Machine.restore(path)
+        except (MachineError, SnapshotError) as error:
+            raise GuestError(f"the microVM could not be restored: {error}") from None
+        return cls(machine, image, cpus, memory_mib)
+
     @property
     def agent(self) -> AgentClient:
         return self.machine.agent

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import zmq
 from jupyter_client.session import Session
 
-from sm_kernel import magics
+from sm_kernel import magics, warm
 from sm_kernel.builtin import ExecutorLink
 from sm_kernel.forward import PortForward
 from sm_kernel.guest import GuestError, GuestKernel, LocalGuest, VmGuest
@@ -53,6 +53,8 @@ RESTART_LIMIT = 300.0
 EXECUTOR_LOSS_DELAY = 2.0
 # How often the loop checks that the microVM still runs.
 STOP_CHECK_INTERVAL = 1.0
+# Run silently in a guest kernel restored from the warm snapshot, before any cell.
+RESEED_RANDOM = "import random as _sm_random; _sm_random.seed(); del _sm_random"
 # Largest message accepted from the guest (a hostile guest must not exhaust host memory).
 GUEST_MAX_MESSAGE = 512 << 20
 
@@ -176,6 +178,8 @@ class SmKernel:
         self.snapshot_parent: str | None = None  # the last snapshot of the running machine
         self.started = time.time()
         self._probe: dict | None = None
+        self._reseed_random = False     # the next probe also reseeds the guest's ``random``
+        self.start_note = ""            # how the guest and its kernel last started, for %sm status
         self._on_ready: list[Callable[[], None]] = []
         self._events: queue.Queue = queue.Queue()
         self._wake_r, self._wake_w = os.pipe()
@@ -253,6 +257,15 @@ class SmKernel:
         return VmGuest.boot(self.options.image, self.options.cpus, self.options.memory_mib)
 
     def _start_guest(self):
+        """A guest with its kernel running: restored from the warm kernel snapshot when
+        there is one (sm_kernel/warm.py), else booted, and then saved as that snapshot."""
+        began = time.monotonic()
+        warm_path = None
+        if not self.options.no_vm:
+            warm_path, started = self._restore_warm_kernel()
+            if started is not None:
+                self.start_note = f"from the warm kernel snapshot in {time.monotonic() - began:.2f} s"
+                return started
         guest = self._new_guest()
         log.info("guest up (%.2f s after the process started); starting its kernel", time.time() - self.started)
         try:
@@ -260,11 +273,49 @@ class SmKernel:
         except BaseException:
             guest.stop()
             raise
+        source = ("the image's warm snapshot" if getattr(guest, "restored_from", None)
+                  else "a boot" if guest.isolated else "a new local process")
+        self.start_note = f"from {source} in {time.monotonic() - began:.2f} s"
+        if warm_path is not None:
+            warm.save(guest, kernel, warm_path)
         return guest, kernel
 
-    def _launch_kernel(self, guest) -> GuestKernel:
+    def _restore_warm_kernel(self):
+        """(where the warm kernel snapshot lives, (guest, kernel) restored from it or None)."""
+        from vmm.machine import Machine
+        options = self.options
+        try:
+            machine_snapshot = Machine.warm_snapshot(options.image, cpus=options.cpus,
+                                                     memory_mib=options.memory_mib)
+        except Exception as error:  # noqa: BLE001 - booting fails the same way, and says so
+            log.info("no warm kernel snapshot: %s", _one_line(error))
+            return None, None
+        path = warm.snapshot_path(machine_snapshot, True if options.builtin_executor else None)
+        saved = warm.load(path)
+        if saved is None:
+            return path, None
+        try:
+            guest = VmGuest.restore(path, options.image, options.cpus, options.memory_mib)
+        except GuestError as error:
+            log.warning("starting cold: the warm kernel snapshot cannot be used (%s)", error)
+            return path, None
+        kernel = self._new_kernel(guest)
+        try:
+            kernel.attach(saved.pid, saved.key, saved.ports, saved.builtin)
+        except GuestError as error:
+            guest.stop()
+            log.warning("starting cold: the kernel in the warm snapshot did not answer (%s)", error)
+            return path, None
+        # Every kernel from this snapshot would draw the same numbers from ``random``.
+        self._reseed_random = not saved.builtin
+        return path, (guest, kernel)
+
+    def _new_kernel(self, guest) -> GuestKernel:
         generation = self.generation + 1
-        kernel = GuestKernel(guest, lambda reason: self.post("kernel_lost", generation, reason))
+        return GuestKernel(guest, lambda reason: self.post("kernel_lost", generation, reason))
+
+    def _launch_kernel(self, guest) -> GuestKernel:
+        kernel = self._new_kernel(guest)
         kernel.launch(builtin=True if self.options.builtin_executor else None)
         return kernel
 
@@ -305,7 +356,12 @@ class SmKernel:
         self._probe = {"sent": 0.0, "reply": False, "iopub": False}
 
     def _send_probe(self) -> None:
-        msg = self.link.session.msg("kernel_info_request", {})
+        if self._reseed_random:     # its replies answer the probe as well as kernel_info's
+            msg = self.link.session.msg("execute_request", {
+                "code": RESEED_RANDOM, "silent": True, "store_history": False,
+                "user_expressions": {}, "allow_stdin": False, "stop_on_error": False})
+        else:
+            msg = self.link.session.msg("kernel_info_request", {})
         self._probe["sent"] = time.monotonic()
         self.link.probe_ids.add(msg["header"]["msg_id"])
         self.link.session.send(self.link.sockets["shell"], msg)
@@ -314,6 +370,7 @@ class SmKernel:
         log.info("guest kernel %d answers (%.2f s after the process started)", self.generation,
                  time.time() - self.started)
         self._probe = None
+        self._reseed_random = False
         self.ready = True
         callbacks, self._on_ready = self._on_ready, []
         for callback in callbacks:
@@ -797,6 +854,7 @@ class SmKernel:
                 rows.append(["guest memory available", magics.human_size(stats.mem_available)])
                 rows.append(["guest uptime", magics.human_duration(stats.uptime)])
             rows.append(["kernel uptime", magics.human_duration(time.time() - self.started)])
+            rows.append(["guest kernel started", self.start_note])
             rows.append(["cell timeout", f"{self.cell_timeout:g} s" if self.cell_timeout else "off"])
             rows.append(["snapshots", f"{len(self.store.entries)}, {magics.human_size(self.store.total_size())}"])
             finish(magics.table(["", ""], rows, "sm status"), None)

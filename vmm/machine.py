@@ -22,6 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
@@ -109,28 +110,19 @@ class Machine:
         image's warm base snapshot when there is one, unless ``fresh``."""
         if refused := hostkvm.refusal():
             raise MachineError(refused)
-        store = Store()
-        record = default_image(store) if is_default_reference(image) else store.resolve(image)
-        rootfs = rootfs_image(store, record)
-        kernel = ensure_kernel()
-        spec = image_run_spec(record.config, ["/.sm/busybox", "sh", "-c", AGENT_LOOP],
-                              entrypoint="", workdir="/", user="0:0")
-        extra_files = {RUN_SPEC_FILE: spec.to_shell(),
-                       AGENT_FILE: Path(agent_module.__file__).read_bytes()}
-        base_initramfs = build_initramfs(kernel)
-        warm = _warm_snapshot_path(record, rootfs, kernel.vmlinuz, base_initramfs, extra_files,
-                                   cpus, memory_mib)
+        plan = _BootPlan.of(image, cpus, memory_mib)
+        record, warm = plan.record, plan.warm_snapshot
         if not fresh and warm.exists():
             try:
                 return cls.restore(warm, console=console, vsock_uds=vsock_uds, timeout=timeout)
             except (SnapshotError, MachineError) as error:
                 log.warning("booting %s cold: its warm snapshot cannot be used (%s)", record.name, error)
-        initrd = with_files(base_initramfs, extra_files)
+        initrd = with_files(plan.initramfs, plan.extra_files)
         kept, on_console = _console_log(console)
         vm = MicroVm(MicroVmConfig(
-            kernel=kernel.vmlinuz, initrd=initrd, cpus=cpus, memory_mib=memory_mib,
+            kernel=plan.kernel, initrd=initrd, cpus=cpus, memory_mib=memory_mib,
             cmdline=" ".join([DEFAULT_KERNEL_CMDLINE, *root_args("/dev/vda", FS_TYPE)]),
-            disks=[Disk(rootfs, read_only=True)], console=on_console,
+            disks=[Disk(plan.rootfs, read_only=True)], console=on_console,
             vsock_uds=Path(vsock_uds) if vsock_uds is not None else None))
         try:
             vm.start()
@@ -142,6 +134,13 @@ class Machine:
         if not fresh:
             machine._save_warm_snapshot(warm)
         return machine
+
+    @classmethod
+    def warm_snapshot(cls, image: str | None = None, *, cpus: int = 1,
+                      memory_mib: int = 512) -> Path:
+        """Where :meth:`boot` keeps (or would keep) the warm base snapshot of this machine:
+        its name changes with the image, kernel, initramfs, agent, VMM, vCPUs and memory."""
+        return _BootPlan.of(image, cpus, memory_mib).warm_snapshot
 
     @classmethod
     def restore(cls, path: str | os.PathLike, *, console: Callable[[bytes], None] | None = None,
@@ -278,17 +277,37 @@ def _identity(path: Path) -> str:
     return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _warm_snapshot_path(record: ImageRecord, rootfs: Path, kernel: Path, initramfs: Path,
-                        extra_files: dict[str, bytes], cpus: int, memory_mib: int) -> Path:
-    """Where the warm base snapshot of this exact machine lives: a new image, kernel,
-    initramfs, agent or VMM gives a new one."""
-    key = hashlib.sha256()
-    for part in (record.manifest_digest, _identity(rootfs), _identity(kernel), _identity(initramfs),
-                 snapshots.vmm_version(), f"{cpus}:{memory_mib}"):
-        key.update(part.encode() + b"\0")
-    for name in sorted(extra_files):
-        key.update(name.encode() + b"\0" + extra_files[name] + b"\0")
-    return snapshots_dir() / "base" / key.hexdigest()[:20]
+@dataclass(frozen=True)
+class _BootPlan:
+    """What booting an image takes: found, fetched or built (and cached) on the way."""
+
+    record: ImageRecord
+    rootfs: Path
+    kernel: Path
+    initramfs: Path                 # without extra_files, which are appended per boot
+    extra_files: dict[str, bytes]
+    warm_snapshot: Path
+
+    @classmethod
+    def of(cls, image: str | None, cpus: int, memory_mib: int) -> _BootPlan:
+        store = Store()
+        record = default_image(store) if is_default_reference(image) else store.resolve(image)
+        rootfs = rootfs_image(store, record)
+        kernel = ensure_kernel()
+        spec = image_run_spec(record.config, ["/.sm/busybox", "sh", "-c", AGENT_LOOP],
+                              entrypoint="", workdir="/", user="0:0")
+        extra_files = {RUN_SPEC_FILE: spec.to_shell(),
+                       AGENT_FILE: Path(agent_module.__file__).read_bytes()}
+        initramfs = build_initramfs(kernel)
+        # A new image, kernel, initramfs, agent or VMM gives a new warm snapshot.
+        key = hashlib.sha256()
+        for part in (record.manifest_digest, _identity(rootfs), _identity(kernel.vmlinuz),
+                     _identity(initramfs), snapshots.vmm_version(), f"{cpus}:{memory_mib}"):
+            key.update(part.encode() + b"\0")
+        for name in sorted(extra_files):
+            key.update(name.encode() + b"\0" + extra_files[name] + b"\0")
+        return cls(record, rootfs, kernel.vmlinuz, initramfs, extra_files,
+                   snapshots_dir() / "base" / key.hexdigest()[:20])
 
 
 def _image_from_meta(meta: dict) -> ImageRecord:

@@ -28,6 +28,24 @@ def display_text(outputs):
     return "".join(c["data"]["text/plain"] for t, c in outputs if t == "display_data")
 
 
+def test_a_second_kernel_starts_from_the_warm_kernel_snapshot_with_its_own_randomness(kc):
+    # This module's kernel started first: it saved the warm kernel snapshot, or came from it.
+    code = "import os, random, secrets; print(os.getpid(), random.random(), secrets.token_hex(8))"
+    first = stdout_of(execute(kc, code)[1]).split()
+    execute(kc, "only_in_the_first = 1")
+    km2, kc2 = start_new_kernel(kernel_name=VM_KERNEL, startup_timeout=STARTUP_TIMEOUT)
+    try:
+        assert "from the warm kernel snapshot" in display_text(execute(kc2, "%sm status")[1])
+        second = stdout_of(execute(kc2, code)[1]).split()
+        assert second[0] == first[0]    # the very guest process, restored...
+        assert second[1] != first[1] and second[2] != first[2]   # ...drawing numbers of its own
+        assert stdout_of(execute(kc2, "print('only_in_the_first' in globals())")[1]) == "False\n"
+        assert execute(kc2, "1")[0]["execution_count"] == 3    # the reseed was not a cell
+    finally:
+        kc2.stop_channels()
+        km2.shutdown_kernel(now=True)
+
+
 def test_restore_brings_back_variables_imports_open_files_and_the_counter(kc):
     reply, _ = execute(kc, "import json, fractions\nstate = {'n': 41}\n"
                            "log = open('/tmp/sm-log.txt', 'w+')\nlog.write('line one\\n')\nlog.flush()")
