@@ -50,6 +50,7 @@ import comm as comm_package
 import ipywidgets
 from comm.base_comm import BaseComm
 
+from sm_kernel.guest import vmm_rss_bytes
 from vmm.balloon import BalloonError, BalloonStats, MemoryBalloon
 
 log = logging.getLogger("sm_kernel.balloon_panel")
@@ -67,18 +68,6 @@ FIGURES = ("total", "used", "free", "available", "balloon", "host RSS")
 # ipywidgets opens a widget's comm through comm.create_comm, a module global: the panel
 # replaces it only while it builds its widgets, one panel at a time.
 _building = threading.Lock()
-
-
-def vmm_rss_bytes() -> int | None:
-    """This process's resident set (the VMM runs in the kernel process), or None."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 class PanelComm(BaseComm):
@@ -121,8 +110,9 @@ class BalloonPanel:
 
     # ------------------------------------------------------------------ the kernel's side
 
-    def open(self, parent: dict) -> None:
-        """Show the panel under the request ``parent``: the widgets the first time, then a view."""
+    def open(self, parent: dict, target_mib: int | None = None) -> None:
+        """Show the panel under the request ``parent``: the widgets the first time, then a
+        view; with ``target_mib``, set the balloon's target first, as the slider would."""
         with self._lock:
             if self.closed:
                 raise RuntimeError("this balloon panel is closed: make a new one")
@@ -131,6 +121,9 @@ class BalloonPanel:
                 self._build()
                 self._thread = threading.Thread(target=self._refresh_loop, name="balloon-panel", daemon=True)
                 self._thread.start()
+            if target_mib is not None:
+                self.slider.value = min(max(target_mib, 0), self.balloon.memory_mib)  # frontends follow
+                self._apply_target(target_mib)
             self._publish("display_data", {"data": {
                 "text/plain": f"Memory balloon: target {self.slider.value} of {self.balloon.memory_mib} MiB "
                               "(the slider needs a frontend with ipywidgets)",
@@ -257,6 +250,9 @@ class BalloonPanel:
             self.slider.send_state("value")  # put the frontend's slider back
             return
         self._deliver(comm, {"method": "update", "state": {"value": requested}, "buffer_paths": []})
+        self._apply_target(requested)
+
+    def _apply_target(self, requested: int) -> None:
         target = self.slider.value  # the slider keeps its value within 0..guest RAM
         self.balloon.target_mib = target
         self._say("" if target == requested else

@@ -37,6 +37,18 @@ class GuestError(Exception):
     """The guest or its kernel process could not be started or reached; one line."""
 
 
+def vmm_rss_bytes() -> int | None:
+    """This process's resident set (the VMM runs in the kernel process), or None."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 class VmGuest:
     """One microVM (vmm.Machine)."""
 

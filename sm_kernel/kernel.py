@@ -31,7 +31,7 @@ from jupyter_client.session import Session
 from sm_kernel import magics, warm
 from sm_kernel.builtin import ExecutorLink
 from sm_kernel.forward import PortForward
-from sm_kernel.guest import GuestError, GuestKernel, LocalGuest, VmGuest
+from sm_kernel.guest import GuestError, GuestKernel, LocalGuest, VmGuest, vmm_rss_bytes
 from sm_kernel.snapshots import WARM_BASE, SnapshotEntry, SnapshotStore
 
 log = logging.getLogger("sm_kernel")
@@ -161,6 +161,7 @@ class SmKernel:
         os.chmod(self.tmpdir, 0o700)
         self.store = SnapshotStore()
         self.panel = None   # the %sm balloon panel (sm_kernel/balloon_panel.py), once opened
+        self.comm_info_targets: dict[str, object] = {}   # comm_info_request id → its target_name
         self._loop_thread: threading.Thread | None = None
         self.guest = None
         self.kernel: GuestKernel | None = None
@@ -525,6 +526,8 @@ class SmKernel:
             item = Incoming(channel, idents, parts, msg["header"])
             if item.msg_type in ("execute_request", "shutdown_request", "interrupt_request"):
                 item.content = _json(parts[4])
+            elif item.msg_type == "comm_info_request" and self.panel is not None:  # the reply gets its comms
+                self.comm_info_targets[item.header.get("msg_id")] = _json(parts[4]).get("target_name")
             if channel == "shell" and self._panel_message(item, parts):
                 continue
             if channel == "shell":
@@ -646,6 +649,8 @@ class SmKernel:
                 pending.reply_seen = True
             elif msg_type == "status" and _json(parts[4]).get("execution_state") == "idle":
                 pending.idle_seen = True
+        if self.panel is not None and msg_type in ("comm_info_reply", "comm_msg"):
+            parts = self._with_panel(msg_type, parent_id, parts)
         signature = self.session.sign(parts[1:5])
         out = self.iopub if channel == "iopub" else self.frontend[channel]
         out.send_multipart([*idents, DELIM, signature, *parts[1:]])
@@ -846,12 +851,17 @@ class SmKernel:
                 ["vCPUs", str(guest.cpus)], ["memory", f"{guest.memory_mib} MiB" if guest.memory_mib else "-"]]
 
         def work():
-            stats = guest.agent.stats()
-            return stats
+            balloon = guest.machine.balloon if guest.isolated else None
+            return guest.agent.stats(), balloon and (balloon.actual_mib, balloon.target_mib)
 
-        def done(stats, error) -> None:
+        def done(result, error) -> None:
             if error is None:
+                stats, balloon = result
                 rows.append(["guest memory available", magics.human_size(stats.mem_available)])
+                if balloon is not None:
+                    rows.append(["balloon", f"{balloon[0]} MiB given back to the host "
+                                            f"(target {balloon[1]} MiB; %sm balloon)"])
+                    rows.append(["host RSS (VMM process)", magics.human_size(vmm_rss_bytes() or 0)])
                 rows.append(["guest uptime", magics.human_duration(stats.uptime)])
             rows.append(["kernel uptime", magics.human_duration(time.time() - self.started)])
             rows.append(["guest kernel started", self.start_note])
@@ -871,7 +881,7 @@ class SmKernel:
 
         if self.panel is None or self.panel.closed:
             self.panel = BalloonPanel(self.guest.machine.balloon, self._send_for_panel)
-        self.panel.open(self._magic_parent)
+        self.panel.open(self._magic_parent, *call.args)
         finish(None, None)
 
     def _send_for_panel(self, msg_type: str, content: dict, parent: dict, metadata: dict) -> None:
@@ -901,6 +911,21 @@ class SmKernel:
             log.exception("the balloon panel could not handle a %s", item.msg_type)
         self._publish_status(item.header, "idle")
         return True
+
+    def _with_panel(self, msg_type: str, parent_id: str | None, parts: list[bytes]) -> list[bytes]:
+        """The guest's list of comms, or of widget states (a frontend reloading the page asks
+        for them), with the panel's added: the panel lives here, not in the guest."""
+        content = _json(parts[4])
+        if msg_type == "comm_info_reply":
+            if parent_id not in self.comm_info_targets or not isinstance(content.get("comms"), dict):
+                return parts
+            content["comms"].update(self.panel.comm_info(self.comm_info_targets.pop(parent_id)))
+        else:
+            data = content.get("data")
+            if not isinstance(data, dict) or data.get("method") != "update_states":
+                return parts
+            self.panel.add_states(data)
+        return [*parts[:4], json.dumps(content).encode(), *parts[5:]]
 
     def _close_panel(self) -> None:
         if self.panel is not None:

@@ -30,7 +30,7 @@ def magic_help():
 
 
 def magic_status():
-    """%sm status — image, vCPUs, memory, uptime, cell timeout and snapshots of this machine."""
+    """%sm status — image, vCPUs, memory, balloon, uptime, cell timeout and snapshots of this machine."""
 
 
 def magic_timeout(seconds):
@@ -53,8 +53,8 @@ def magic_delete(name):
     """%sm delete NAME — delete snapshot NAME and its files."""
 
 
-def magic_balloon():
-    """%sm balloon — a panel: give guest memory back to the host, and watch the figures."""
+def magic_balloon(target_mib=None):
+    """%sm balloon [MIB] — a panel: give guest memory back to the host (MIB sets the target, as its slider does), and watch the figures."""
 
 
 MAGICS = {f.__name__.removeprefix("magic_"): f for f in (
@@ -84,9 +84,12 @@ def parse(code: str) -> MagicCall:
     name, args = words[0], words[1:]
     if name not in MAGICS:
         raise MagicUsageError(f"unknown %sm command {name!r}: try one of " + ", ".join(MAGICS))
-    if name in ("help", "status", "list", "balloon"):
+    if name in ("help", "status", "list"):
         _arity(name, args, 0, 0)
         return MagicCall(name, ())
+    if name == "balloon":
+        _arity(name, args, 0, 1)
+        return MagicCall(name, tuple(_mib(arg) for arg in args))
     if name == "timeout":
         _arity(name, args, 1, 1)
         return MagicCall(name, (_seconds(args[0]),))
@@ -100,6 +103,16 @@ def parse(code: str) -> MagicCall:
 def _arity(name: str, args: list[str], low: int, high: int) -> None:
     if not low <= len(args) <= high:
         raise MagicUsageError(f"usage: {usage(name)}")
+
+
+def _mib(text: str) -> int:
+    try:
+        mib = int(text)
+    except ValueError:
+        mib = -1
+    if mib < 0:
+        raise MagicUsageError(f"the balloon target is whole MiB, 0 or more, not {text!r} (e.g. %sm balloon 256)")
+    return mib
 
 
 def _seconds(text: str) -> float | None:

@@ -183,6 +183,22 @@ def test_moving_the_slider_sets_the_balloon_target(panel, balloon, frontend):
     assert frontend.panel_view()["message"]["value"] == ""
 
 
+@pytest.mark.parametrize(("requested", "used", "message"), [
+    (256, 256, ""),
+    (5000, GUEST_MIB, f"balloon target 5000 MiB is outside 0..{GUEST_MIB} MiB (the guest's RAM); "
+                      f"using {GUEST_MIB} MiB"),
+])
+def test_a_target_given_with_the_magic_moves_the_slider_before_the_view(panel, balloon, frontend,
+                                                                         requested, used, message):
+    panel.open(PARENT, requested)                                   # %sm balloon MIB
+    assert balloon.targets == [used]
+    view = frontend.panel_view()
+    assert view["slider"]["value"] == used
+    assert view["message"]["value"] == message
+    (_, content, _, _), = frontend.of("display_data")
+    assert content["data"]["text/plain"].startswith(f"Memory balloon: target {used} of {GUEST_MIB} MiB")
+
+
 @pytest.mark.parametrize(("requested", "used"), [(5000, GUEST_MIB), (-5, 0)])
 def test_a_target_outside_guest_ram_is_clamped_with_a_message(panel, balloon, frontend, requested, used):
     panel.open(PARENT)

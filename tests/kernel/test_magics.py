@@ -16,6 +16,8 @@ from sm_kernel.magics import MagicCall, MagicUsageError, is_magic_cell, parse
     ("\n%sm restore base\n\n", MagicCall("restore", ("base",))),
     ("%sm list", MagicCall("list", ())),
     ("%sm delete 'base'", MagicCall("delete", ("base",))),
+    ("%sm balloon", MagicCall("balloon", ())),
+    ("%sm balloon 256", MagicCall("balloon", (256,))),
 ])
 def test_good_lines(code, call):
     assert is_magic_cell(code)
@@ -37,6 +39,9 @@ def test_good_lines(code, call):
     ("%sm restore", "usage: %sm restore NAME"),
     ("%sm delete 'unclosed", "cannot read the %sm line"),
     ("%sm list\nx = 1", "alone in its cell"),
+    ("%sm balloon -5", "the balloon target is whole MiB, 0 or more, not '-5'"),
+    ("%sm balloon half", "not 'half' (e.g. %sm balloon 256)"),
+    ("%sm balloon 1 2", "usage: %sm balloon [MIB]"),
 ])
 def test_bad_lines_say_what_to_do_in_one_line(code, message):
     with pytest.raises(MagicUsageError) as caught:

@@ -3,11 +3,13 @@ can do to its VM. SIGKILL to the guest's init changes nothing (Linux protects PI
 kernel panic stops the microVM, the cell gets one error, and a new one boots."""
 
 import re
+import uuid
 
 import pytest
 from jupyter_client.manager import start_new_kernel
 
 from tests.kernel.conftest import (
+    REPLY_TIMEOUT,
     STARTUP_TIMEOUT,
     VM_KERNEL,
     execute,
@@ -115,3 +117,34 @@ def test_sm_balloon_opens_a_panel_whose_slider_drives_the_guests_balloon(kc):
         for v in msg["content"]["data"].get("state", {}).values()), timeout=STARTUP_TIMEOUT)
     reply, outputs = execute(kc, "print(6 * 7)")
     assert stdout_of(outputs) == "42\n"                            # the guest carries on
+    assert "64 MiB given back to the host (target 64 MiB" in display_text(execute(kc, "%sm status")[1])
+
+
+def shell_reply(kc, msg: dict) -> dict:
+    kc.shell_channel.send(msg)
+    while True:
+        reply = kc.get_shell_msg(timeout=REPLY_TIMEOUT)
+        if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
+            return reply["content"]
+
+
+def test_a_reloaded_page_finds_the_panel_beside_the_guests_own_widgets(kc):
+    # The panel (opened above) and a slider of the guest's own ipywidgets, side by side.
+    (view,) = [c for t, c in execute(kc, "%sm balloon")[1] if t == "display_data"]
+    panel_root = view["data"]["application/vnd.jupyter.widget-view+json"]["model_id"]
+    reply, outputs = execute(kc, "import ipywidgets\nguest_slider = ipywidgets.IntSlider(value=7)\nguest_slider")
+    guest_slider = next(c["comm_id"] for t, c in outputs if t == "comm_open" and c["data"]["state"].get("value") == 7)
+
+    # What ipywidgets 7 asks on reconnecting: the comms of a target, the guest's and the panel's.
+    comms = shell_reply(kc, kc.session.msg("comm_info_request", {"target_name": "jupyter.widget"}))["comms"]
+    assert {panel_root, guest_slider} <= set(comms)
+    assert shell_reply(kc, kc.session.msg("comm_info_request", {"target_name": "other"}))["comms"] == {}
+
+    # What ipywidgets 8 asks after a page reload: every widget's state, on its control comm.
+    control = uuid.uuid4().hex
+    kc.shell_channel.send(kc.session.msg("comm_open", {"comm_id": control, "data": {},
+                                                       "target_name": "jupyter.widget.control"}))
+    kc.shell_channel.send(kc.session.msg("comm_msg", {"comm_id": control, "data": {"method": "request_states"}}))
+    answer = iopub_until(kc, lambda msg: msg["msg_type"] == "comm_msg" and msg["content"]["comm_id"] == control)
+    states = answer[-1]["content"]["data"]["states"]
+    assert states[panel_root]["model_name"] == "VBoxModel" and states[guest_slider]["state"]["value"] == 7

@@ -1,6 +1,7 @@
 """nbclient executes every notebook in notebooks/ on the sm kernel (a microVM each) and
 the outputs are checked cell by cell."""
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -45,8 +46,8 @@ def _kvm(linux_kvm):
 
 
 def test_every_notebook_is_checked():
-    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == ["quickstart.ipynb", "snapshots.ipynb",
-                                                                  "teaching.ipynb"]
+    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == ["balloon.ipynb", "quickstart.ipynb",
+                                                                  "snapshots.ipynb", "teaching.ipynb"]
 
 
 def test_quickstart():
@@ -82,3 +83,22 @@ def test_teaching_boundaries():
     assert text(write) == "this write lands in guest RAM only\n"
     assert text(kernel) == "Linux kernel in the guest; memory under 4 GiB: True\n"
     assert text(init) == "uid 0 - init still runs: True\n"
+
+
+def host_rss_mib(status_cell) -> float:
+    found = re.search(r"host RSS \(VMM process\)\s+([\d.]+) (MiB|GiB)", text(status_cell))
+    assert found, text(status_cell)
+    return float(found[1]) * (1024 if found[2] == "GiB" else 1)
+
+
+def test_balloon():
+    _, hold, holding, free, freed, _, panel, after, ballooned = run("balloon.ipynb")
+    assert text(hold) == "holding 300 MiB\n" and text(free) == "freed\n"
+    # Free page reporting gave the freed pages back to the host, with no target set.
+    assert host_rss_mib(holding) - host_rss_mib(freed) >= 200, (text(holding), text(freed))
+    (view,) = [o for o in panel.outputs if o.output_type == "display_data"]
+    assert "application/vnd.jupyter.widget-view+json" in view.data
+    assert view.data["text/plain"].startswith("Memory balloon: target 256 of 768 MiB")
+    less = int(re.search(r"(-?\d+) MiB less", text(after))[1])
+    assert less >= 200, text(after)
+    assert "256 MiB given back to the host (target 256 MiB" in text(ballooned)
