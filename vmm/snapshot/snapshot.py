@@ -17,6 +17,8 @@ import os
 import shutil
 import time
 import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -68,55 +70,73 @@ def save(vm: MicroVm, path: str | os.PathLike, *, parent: Path | None, meta: dic
     path = Path(path).absolute()
     if parent is not None and not vm.logging_dirty_pages:
         raise SnapshotError("a diff snapshot needs a full snapshot of this machine first")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    work = path.parent / f".{path.name}.saving-{os.getpid()}"
+    with _staged(path, "the snapshot") as work:
+        vm.pause()
+        try:
+            record = _save_paused(vm, work, parent, meta)
+        finally:
+            vm.resume()
+    return _info(path, record)
+
+
+def _save_paused(vm: MicroVm, work: Path, parent: Path | None, meta: dict) -> dict:
+    with vm.devices_held():
+        state = vm.save_state()
+        # Read (and restart) the dirty log even for a full snapshot: the next diff is
+        # against this one.
+        dirty = vm.dirty_pages() if vm.logging_dirty_pages else None
+        if parent is None:
+            _write_memory_file(work, lambda fd: write_full(vm.memory, fd))
+        else:
+            _write_memory_file(work, lambda fd: write_pages(vm.memory, fd, dirty))
+        vm.log_dirty_pages()
+    record = {
+        "vmm_version": vmm_version(),
+        "created": time.time(),
+        "parent": str(parent) if parent is not None else None,
+        "parent_created": info(parent).created if parent is not None else None,
+        "pages": _pack_pages(dirty) if parent is not None else None,
+        "machine": {
+            "cpus": vm.config.cpus,
+            "memory_mib": vm.config.memory_mib,
+            "layout": vm.memory.layout,
+            "cmdline": vm.config.cmdline,
+            "disks": [_disk_identity(disk.path, disk.read_only) for disk in vm.config.disks],
+        },
+        "meta": meta,
+        "state": state,
+    }
+    write_state(work / STATE_FILE, record)
+    return record
+
+
+@contextmanager
+def _staged(target: Path, what: str) -> Iterator[Path]:
+    """A fresh directory beside ``target`` to write into, put in its place when the block
+    ends without error, removed otherwise: what was at ``target`` is untouched until then."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = target.parent / f".{target.name}.saving-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
-    vm.pause()
     try:
-        with vm.devices_held():
-            state = vm.save_state()
-            # Read (and restart) the dirty log even for a full snapshot: the next diff is
-            # against this one.
-            dirty = vm.dirty_pages() if vm.logging_dirty_pages else None
-            fd = os.open(work / MEMORY_FILE, os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                if parent is None:
-                    write_full(vm.memory, fd)
-                else:
-                    write_pages(vm.memory, fd, dirty)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            vm.log_dirty_pages()
-        record = {
-            "vmm_version": vmm_version(),
-            "created": time.time(),
-            "parent": str(parent) if parent is not None else None,
-            "parent_created": info(parent).created if parent is not None else None,
-            "pages": _pack_pages(dirty) if parent is not None else None,
-            "machine": {
-                "cpus": vm.config.cpus,
-                "memory_mib": vm.config.memory_mib,
-                "layout": vm.memory.layout,
-                "cmdline": vm.config.cmdline,
-                "disks": [_disk_identity(disk.path, disk.read_only) for disk in vm.config.disks],
-            },
-            "meta": meta,
-            "state": state,
-        }
-        write_state(work / STATE_FILE, record)
+        yield work
     except OSError as error:
         shutil.rmtree(work, ignore_errors=True)
-        raise SnapshotError(f"could not write the snapshot to {path}: {error.strerror or error} "
+        raise SnapshotError(f"could not write {what} to {target}: {error.strerror or error} "
                             f"(an earlier snapshot there is unchanged)") from None
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    _replace_directory(work, target)
+
+
+def _write_memory_file(work: Path, write: Callable[[int], None]) -> None:
+    fd = os.open(work / MEMORY_FILE, os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        write(fd)
+        os.fsync(fd)
     finally:
-        vm.resume()
-    _replace_directory(work, path)
-    return _info(path, record)
+        os.close(fd)
 
 
 def _replace_directory(new: Path, path: Path) -> None:
@@ -286,25 +306,12 @@ def flatten(path: str | os.PathLike, target: str | os.PathLike) -> SnapshotInfo:
     _check_same_machine(chain)
     record = {**chain[-1][1], "parent": None, "parent_created": None, "pages": None}
     memory = _layered_memory(chain)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = target.parent / f".{target.name}.saving-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
     try:
-        fd = os.open(work / MEMORY_FILE, os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            write_full(memory, fd)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        write_state(work / STATE_FILE, record)
-    except OSError as error:
-        shutil.rmtree(work, ignore_errors=True)
-        raise SnapshotError(f"could not write the flattened snapshot to {target}: "
-                            f"{error.strerror or error}") from None
+        with _staged(target, "the flattened snapshot") as work:
+            _write_memory_file(work, lambda fd: write_full(memory, fd))
+            write_state(work / STATE_FILE, record)
     finally:
         memory.close()
-    _replace_directory(work, target)
     return _info(target, record)
 
 
