@@ -17,7 +17,6 @@ cell (SmKernel._connect), so random numbers differ between kernels.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -30,6 +29,7 @@ from sm_kernel import executor as executor_module
 from sm_kernel import supervisor as supervisor_module
 from sm_kernel.guest import GUEST_PORTS, GUEST_WORKDIR, GuestKernel, VmGuest
 from vmm.paths import snapshots_dir
+from vmm.snapshot.snapshot import saving_alone
 
 log = logging.getLogger("sm_kernel")
 
@@ -73,13 +73,8 @@ def load(path: Path) -> WarmKernel | None:
 def save(guest: VmGuest, kernel: GuestKernel, path: Path) -> None:
     """Snapshot ``guest`` with ``kernel`` idle in it, unless another start is doing so or
     did; a failure is logged, never raised: the running kernel is unaffected."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return
-        if load(path) is not None:
+    with saving_alone(path) as alone:
+        if not alone or load(path) is not None:
             return
         try:
             if path.exists():       # an earlier save died before its kernel file

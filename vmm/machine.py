@@ -16,7 +16,6 @@ instead of booting, in milliseconds rather than seconds (``fresh=True`` boots an
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
@@ -201,13 +200,8 @@ class Machine:
 
     def _save_warm_snapshot(self, path: Path) -> None:
         """Take the image's base snapshot, unless another process is taking it."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.parent / f".{path.name}.lock", "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return
-            if path.exists():
+        with snapshots.saving_alone(path) as alone:
+            if not alone or path.exists():
                 return
             try:
                 self.snapshot(path)

@@ -12,6 +12,7 @@ root's memory file copy-on-write and lays the diffs over it.
 from __future__ import annotations
 
 import base64
+import fcntl
 import functools
 import os
 import shutil
@@ -108,6 +109,20 @@ def _save_paused(vm: MicroVm, work: Path, parent: Path | None, meta: dict) -> di
     }
     write_state(work / STATE_FILE, record)
     return record
+
+
+@contextmanager
+def saving_alone(path: Path) -> Iterator[bool]:
+    """For a snapshot many processes may want to save at once (a warm snapshot): True
+    inside the block if this process holds the lock to save ``path``, False if another does."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
 
 @contextmanager
