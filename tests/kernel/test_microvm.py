@@ -133,7 +133,8 @@ def test_a_reloaded_page_finds_the_panel_beside_the_guests_own_widgets(kc):
     (view,) = [c for t, c in execute(kc, "%sm balloon")[1] if t == "display_data"]
     panel_root = view["data"]["application/vnd.jupyter.widget-view+json"]["model_id"]
     reply, outputs = execute(kc, "import ipywidgets\nguest_slider = ipywidgets.IntSlider(value=7)\nguest_slider")
-    guest_slider = next(c["comm_id"] for t, c in outputs if t == "comm_open" and c["data"]["state"].get("value") == 7)
+    guest_slider = next(c["comm_id"] for t, c in outputs
+                        if t == "comm_open" and c["data"].get("state", {}).get("value") == 7)
 
     # What ipywidgets 7 asks on reconnecting: the comms of a target, the guest's and the panel's.
     comms = shell_reply(kc, kc.session.msg("comm_info_request", {"target_name": "jupyter.widget"}))["comms"]
