@@ -3,6 +3,7 @@ can do to its VM. SIGKILL to the guest's init changes nothing (Linux protects PI
 kernel panic stops the microVM, the cell gets one error, and a new one boots."""
 
 import re
+import uuid
 
 import pytest
 from jupyter_client.manager import start_new_kernel
@@ -125,16 +126,25 @@ def shell_reply(kc, msg: dict) -> dict:
             return reply["content"]
 
 
-def test_the_guests_comm_list_includes_the_panel_beside_the_guests_own_widgets(kc):
+def test_a_reloaded_page_finds_the_panel_beside_the_guests_own_widgets(kc):
     # The panel (opened above) and a slider of the guest's own ipywidgets, side by side.
     (view,) = [c for t, c in execute(kc, "%sm balloon")[1] if t == "display_data"]
     panel_root = view["data"]["application/vnd.jupyter.widget-view+json"]["model_id"]
     reply, outputs = execute(kc, "import ipywidgets\nguest_slider = ipywidgets.IntSlider(value=7)\nguest_slider")
-    # (the default image's ipywidgets is Debian's 6.0: its state is not under "state")
-    guest_slider = next(c["comm_id"] for t, c in outputs if t == "comm_open" and
-                        c["data"].get("state", c["data"]).get("_model_name") == "IntSliderModel")
+    guest_slider = next(c["comm_id"] for t, c in outputs
+                        if t == "comm_open" and c["data"].get("state", {}).get("value") == 7)
 
-    # What a widget manager asks on reconnecting: the comms of a target, the guest's and the panel's.
+    # What ipywidgets 7 asks on reconnecting: the comms of a target, the guest's and the panel's.
     comms = shell_reply(kc, kc.session.msg("comm_info_request", {"target_name": "jupyter.widget"}))["comms"]
     assert {panel_root, guest_slider} <= set(comms)
     assert shell_reply(kc, kc.session.msg("comm_info_request", {"target_name": "other"}))["comms"] == {}
+
+    # What ipywidgets 8 asks after a page reload: every widget's state, on its control comm.
+    control = uuid.uuid4().hex
+    kc.shell_channel.send(kc.session.msg("comm_open", {"comm_id": control, "data": {},
+                                                       "target_name": "jupyter.widget.control"},
+                                         metadata={"version": "1.0.0"}))
+    kc.shell_channel.send(kc.session.msg("comm_msg", {"comm_id": control, "data": {"method": "request_states"}}))
+    answer = iopub_until(kc, lambda msg: msg["msg_type"] == "comm_msg" and msg["content"]["comm_id"] == control)
+    states = answer[-1]["content"]["data"]["states"]
+    assert states[panel_root]["model_name"] == "VBoxModel" and states[guest_slider]["state"]["value"] == 7

@@ -107,6 +107,14 @@ def mmdebstrap_argv(recipe: dict, output: Path) -> list[str]:
                  + " > /tmp/sm-purge.log 2>&1 || { cat /tmp/sm-purge.log >&2; exit 1; }; "
                  "rm -f /tmp/sm-purge.log")
         argv.append(f'--customize-hook=chroot "$1" sh -c {shlex.quote(purge)}')
+    if recipe.get("wheels"):
+        # Pure-Python wheels, by this host's pip (the image has none), into the guest's
+        # /usr/local/lib/pythonX.Y/dist-packages, which comes before Debian's on sys.path.
+        site = ('"$1/usr/local/lib/$(chroot "$1" python3 -c '
+                '\'import sys; print("python%d.%d" % sys.version_info[:2])\')/dist-packages"')
+        argv.append(f"--customize-hook={shlex.quote(sys.executable)} -m pip install --quiet "
+                    "--disable-pip-version-check --no-deps --only-binary=:all: --target "
+                    f"{site} " + " ".join(shlex.quote(wheel) for wheel in recipe["wheels"]))
     if recipe.get("check"):
         # (debugpy, imported by ipykernel, warns about frozen modules unless told not to)
         argv.append('--customize-hook=chroot "$1" env PYDEVD_DISABLE_FILE_VALIDATION=1 '
