@@ -12,7 +12,8 @@ Every kernel started from one warm snapshot shares what its guest kernel process
 start: the connection key (it only guards ports on the guest's own loopback, behind the
 VMM), the session id and Python's string hash seed. The guest's CRNG is reseeded on every
 restore (vmm.Machine.restore), and the relay reseeds Python's ``random`` before the first
-cell (SmKernel._connect), so random numbers differ between kernels.
+cell (SmKernel._send_probe), so random numbers differ between kernels. Old warm snapshots
+are not removed when their key changes (as with the machines' own): `rm -r` them at will.
 """
 
 from __future__ import annotations
