@@ -166,9 +166,14 @@ def qemu_command(image: TestbedImage, shares: dict[str, Path], console_log: Path
 
 
 def _show_console_tail(console_log: Path, lines: int = 40) -> None:
+    """The last lines of the test bed's console, after the line that says why it panicked
+    when that scrolled out of them (a stack trace follows it)."""
     if console_log.exists():
-        tail = console_log.read_bytes().replace(b"\r", b"").decode(errors="replace")
-        print("".join(tail.splitlines(keepends=True)[-lines:]), file=sys.stderr, flush=True)
+        text = console_log.read_bytes().replace(b"\r", b"").decode(errors="replace")
+        all_lines = text.splitlines(keepends=True)
+        tail = all_lines[-lines:]
+        panics = [line for line in all_lines[:-lines] if "Kernel panic - not syncing" in line]
+        print("".join(panics[-1:] + (["...\n"] if panics else []) + tail), file=sys.stderr, flush=True)
 
 
 def _stream(qemu: subprocess.Popen, boot_timeout: float, timeout: float, end: float,
