@@ -977,7 +977,6 @@ class SmKernel:
         self.ready = False
         self.link.close()
         self.link = None
-        generation = self.generation + 1
         machine_class = type(old_guest.machine)
 
         def work():
@@ -987,7 +986,7 @@ class SmKernel:
             old_guest.stop()
             guest = VmGuest(machine, old_guest.image, old_guest.cpus, old_guest.memory_mib)
             try:
-                kernel = GuestKernel(guest, lambda reason: self.post("kernel_lost", generation, reason))
+                kernel = self._new_kernel(guest)
                 kernel.attach(entry.kernel_pid, entry.kernel_key, entry.kernel_ports, entry.builtin_executor)
             except BaseException:
                 guest.stop()
