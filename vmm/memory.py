@@ -6,7 +6,8 @@ any byte moves, so an address the guest made up raises
 :class:`GuestMemoryError` instead of touching host memory.
 
 RAM is anonymous memory, or a snapshot's memory file mapped copy-on-write
-(``MAP_PRIVATE``): pages load lazily and writes stay in this process. For diff
+(``MAP_PRIVATE``): pages load lazily and writes stay in this process (ranges the balloon
+gives back become anonymous zero pages). For diff
 snapshots the host's own writes (devices filling buffers) are tracked here,
 page by page, since KVM's dirty log sees only the guest's.
 """
@@ -37,6 +38,7 @@ class Region:
     _map: mmap.mmap = field(repr=False)
     host_address: int = field(repr=False)
     dirty: bytearray | None = field(default=None, repr=False)   # one byte per page
+    file_backed: bool = False       # a snapshot's memory file, mapped copy-on-write
 
     @property
     def end(self) -> int:
@@ -55,6 +57,22 @@ def _map(size: int, backing: int, offset: int) -> tuple[mmap.mmap, int]:
     return mapping, address
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_long]
+_MAP_FIXED = 0x10
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _map_zeros(address: int, length: int) -> bool:
+    """Replace ``length`` bytes of our own mapping at ``address`` with anonymous zero pages;
+    False if the kernel refused (too many mappings, say: the caller falls back)."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED | getattr(mmap, "MAP_NORESERVE", 0)
+    result = _libc.mmap(address, length, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
+    return result not in (None, _MAP_FAILED) and result == address
+
+
 class GuestMemory:
     """Guest RAM made of non-overlapping regions, each page-aligned."""
 
@@ -69,7 +87,8 @@ class GuestMemory:
             if self.regions and gpa < self.regions[-1].end:
                 raise ValueError(f"region {gpa:#x}+{size:#x} overlaps another")
             mapping, address = _map(size, backing, offset)
-            self.regions.append(Region(gpa, size, offset, mapping, address))
+            self.regions.append(Region(gpa, size, offset, mapping, address,
+                                       file_backed=backing >= 0))
             offset += size
 
     @property
@@ -151,14 +170,20 @@ class GuestMemory:
         return struct.unpack(fmt, self.read(gpa, struct.calcsize(fmt)))
 
     def discard(self, gpa: int, length: int) -> None:
-        """Give the host pages of a page-aligned range back (the balloon's job): they
-        leave the VMM's RSS and read as zeros, or as the snapshot file under a
-        copy-on-write mapping, until the guest writes them again."""
+        """Give the host pages of a page-aligned range back (the balloon's job): they leave
+        the VMM's RSS and read as zeros until the guest writes them again, so the next
+        snapshot has holes there. Under a copy-on-write mapping of a snapshot file, dropping
+        the pages (``MADV_DONTNEED``) would bring the file's back: the range is mapped over
+        with fresh anonymous memory instead (KVM follows through its MMU notifier)."""
         if gpa % PAGE_SIZE or length % PAGE_SIZE:
             raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is not page aligned")
         region, offset = self._locate(gpa, length)
-        if length:
+        if not length:
+            return
+        if not (region.file_backed and _map_zeros(region.host_address + offset, length)):
             region._map.madvise(mmap.MADV_DONTNEED, offset, length)
+        if region.dirty is not None:   # changed behind KVM's dirty log, like a device write
+            self._mark(region, offset, length)
 
     def close(self) -> None:
         for region in self.regions:

@@ -90,6 +90,38 @@ def test_a_diff_layer_over_its_base_gives_the_newer_memory(tmp_path):
     assert restored.read(17 * MIB, 8) == bytes(8)
 
 
+def _rss_kib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+def test_pages_discarded_under_a_restored_mapping_read_as_zeros_and_are_holes_next_time(tmp_path):
+    memory = _memory_with({page * PAGE_SIZE: b"\xff" * PAGE_SIZE for page in range(1024)})
+    fd = _open(tmp_path / "memory")
+    write_full(memory, fd)
+    os.close(fd)
+    with open(tmp_path / "memory", "rb") as file:
+        restored = GuestMemory(LAYOUT, backing=file.fileno())
+    restored.track_host_writes()
+    for page in range(1024):                          # the guest writes them: private copies
+        restored.write(page * PAGE_SIZE, b"\xee" * PAGE_SIZE)
+    restored.take_host_writes()
+    before = _rss_kib()
+    restored.discard(PAGE_SIZE, 1000 * PAGE_SIZE)     # the balloon gives 1000 of them back
+    assert before - _rss_kib() >= 1000 * PAGE_SIZE // 1024 * 9 // 10
+    assert restored.read(0, 2) == b"\xee\xee"
+    assert restored.read(PAGE_SIZE, 1000 * PAGE_SIZE) == bytes(1000 * PAGE_SIZE)  # not the file's
+    assert restored.read(1001 * PAGE_SIZE, 1) == b"\xee"
+    restored.write(5 * PAGE_SIZE, b"back")            # written again: memory as before
+    assert restored.read(5 * PAGE_SIZE, 4) == b"back"
+    changed = restored.take_host_writes()             # a diff must carry the zeros too
+    assert [p for p, b in enumerate(changed) if b] == list(range(1, 1001))
+    fd = _open(tmp_path / "next")
+    assert write_full(restored, fd) == 25 * PAGE_SIZE     # pages 0, 5 and 1001..1023; holes between
+    os.close(fd)
+    restored.close()
+
+
 def test_host_writes_are_tracked_through_views_too():
     memory = GuestMemory([(0, 1 * MIB)])
     memory.track_host_writes()
