@@ -431,13 +431,16 @@ class Vcpu:
         _install_kick_handler()
         self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._run = ffi.from_buffer("struct kvm_run *", self._map)
-        self._thread_id: int | None = None
+        self._thread_id: int | None = None     # the thread in run(), while it may be
+        self._thread_lock = threading.Lock()    # held while signalling it, or forgetting it
         self._pending_read: tuple[int, int] | None = None  # (offset in kvm_run, length)
 
     # running
     def run(self) -> Exit:
         """Enter the guest until the next exit, and decode it."""
-        self._thread_id = threading.get_ident()
+        if self._thread_id is None:
+            with self._thread_lock:
+                self._thread_id = threading.get_ident()
         result = lib.sm_ioctl_int(self.fd, lib.KVM_RUN, 0)
         # An AP waiting for INIT/SIPI returns EAGAIN when it wakes: enter again.
         while result == -errno.EAGAIN:
@@ -500,12 +503,16 @@ class Vcpu:
         if run is None:
             return  # closed
         run.immediate_exit = 1
-        thread_id = self._thread_id
-        if thread_id is not None:
-            try:
-                signal.pthread_kill(thread_id, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass  # the thread is gone; immediate_exit still stops its next run
+        with self._thread_lock:
+            if self._thread_id is not None:
+                signal.pthread_kill(self._thread_id, KICK_SIGNAL)
+
+    def release_thread(self) -> None:
+        """Called by the thread that ran this vCPU before it ends: kicks stop signalling it.
+        ``pthread_kill`` on a thread that has ended is undefined (it crashed the VMM when
+        the owner stopped a guest whose vCPU thread had already left after a triple fault)."""
+        with self._thread_lock:
+            self._thread_id = None
 
     # registers
     def _get(self, name: str, ctype: str):

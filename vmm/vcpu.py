@@ -136,6 +136,7 @@ class VcpuThread:
         except Exception as e:  # a VMM bug or a failed ioctl: report it, never die silently
             log.exception("vCPU %d failed", self.vcpu.index)
             reason = StopReason(StopKind.ERROR, self.vcpu.index, f"{type(e).__name__}: {e}")
+        self.vcpu.release_thread()
         with self._cond:
             self.stop_reason = reason
             self._state = _State.STOPPED

@@ -1,6 +1,8 @@
 """VcpuThread's exit loop and pause/resume/stop, driven by a scripted vCPU (no VM needed)."""
 
+import signal
 import threading
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,6 +16,7 @@ from vmm.kvm import (
     OtherExit,
     ShutdownExit,
     SystemEventExit,
+    Vcpu,
     lib,
 )
 from vmm.vcpu import StopKind, StopReason, VcpuThread
@@ -33,6 +36,7 @@ class ScriptedVcpu:
         self._kicked = threading.Event()
         self.in_run = threading.Event()
         self.reads: list[bytes] = []
+        self.released_by: threading.Thread | None = None
 
     def run(self):
         if self._exits:
@@ -48,6 +52,9 @@ class ScriptedVcpu:
 
     def kick(self) -> None:
         self._kicked.set()
+
+    def release_thread(self) -> None:
+        self.released_by = threading.current_thread()
 
     def get_regs(self):
         raise OSError("no registers in a scripted vCPU")
@@ -117,6 +124,26 @@ def test_guest_stops_are_reported_once(exit, kind):
     _, _, _, reasons = run_to_end([exit])
     assert [r.kind for r in reasons] == [kind]
     assert reasons[0].vcpu == 3
+
+
+def test_a_vcpu_thread_that_ends_releases_its_vcpu_first():
+    for exits in ([ShutdownExit()], [FailEntryExit(0x21, 7)]):
+        vcpu, *_ = run_to_end(exits)
+        assert vcpu.released_by is not None and vcpu.released_by is not threading.current_thread()
+
+
+def test_kick_signals_the_running_thread_and_never_one_that_left(monkeypatch):
+    signalled = []
+    monkeypatch.setattr(signal, "pthread_kill", lambda ident, signum: signalled.append(ident))
+    vcpu = Vcpu.__new__(Vcpu)                   # the kick needs no VM, only its run page
+    vcpu._run = SimpleNamespace(immediate_exit=0)
+    vcpu._thread_lock = threading.Lock()
+    vcpu._thread_id = threading.get_ident()     # as run() leaves it
+    vcpu.kick()
+    assert signalled == [threading.get_ident()] and vcpu._run.immediate_exit == 1
+    vcpu.release_thread()
+    vcpu.kick()                                  # pthread_kill on an ended thread would be UB
+    assert signalled == [threading.get_ident()]
 
 
 def test_stop_details_say_what_happened():
