@@ -131,3 +131,38 @@ def test_a_target_above_guest_ram_is_clamped(machine):
     machine.balloon.target_mib = 0
     assert machine.balloon.wait(DEADLINE)
     assert machine.exec(["true"]).exit_code == 0          # the guest lived through it
+
+
+KILL_HOLDER = ("import os\n"
+               "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+               "    if int(pid) != os.getpid() and b'held' in open(f'/proc/{pid}/cmdline', 'rb').read():\n"
+               "        os.kill(int(pid), 9)\n")
+
+
+def test_a_restored_machine_gives_pages_back_as_holes_in_its_next_snapshot(tmp_path):
+    """Every sm kernel runs on a restored machine: its RAM is the memory file mapped
+    copy-on-write, where dropping a page would bring the file's page back."""
+    held_mib = 512
+    with Machine.boot(memory_mib=1024) as original:
+        stream = original.exec_stream(["python3", "-c", HOLD.format(mib=held_mib)])
+        assert next(iter(stream)).data == b"held\n"
+        held = original.snapshot(tmp_path / "held")            # 512 MiB of 0x01 in the file
+    with Machine.restore(held.path) as restored:
+        assert restored.exec(["python3", "-c", KILL_HOLDER]).exit_code == 0
+        wait_until(lambda: restored.balloon.stats(timeout=30).free > (held_mib + 64) * MIB,
+                   f"the guest to free the {held_mib} MiB it held")
+        restored.balloon.target_mib = restored.balloon.stats(timeout=30).free // MIB - 64
+        wait_until(lambda: restored.balloon.actual_mib >= 0.9 * restored.balloon.target_mib,
+                   f"the balloon to reach {restored.balloon.target_mib} MiB")
+        inflated_mib, target_mib = restored.balloon.actual_mib, restored.balloon.target_mib
+        inflated = restored.snapshot(tmp_path / "inflated")  # the balloon may still grow a little
+    print(f"\nsnapshot before {held.disk_bytes / MIB:.0f} MiB, after a {inflated_mib} MiB "
+          f"balloon {inflated.disk_bytes / MIB:.0f} MiB")
+    assert inflated.disk_bytes < held.disk_bytes - 0.8 * held_mib * MIB
+
+    with Machine.restore(inflated.path) as again:               # restored while inflated
+        assert target_mib >= again.balloon.actual_mib >= inflated_mib
+        assert again.balloon.target_mib == target_mib
+        again.balloon.target_mib = 0
+        assert again.balloon.wait(DEADLINE), f"balloon still {again.balloon.actual_mib} MiB"
+        hold_then_free(again, held_mib)                         # the guest has its memory again
