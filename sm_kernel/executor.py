@@ -201,6 +201,9 @@ def serve(executor, conn):
                 executor.complete(str(request.get("code", "")), int(request.get("cursor_pos", 0)))
             elif op == "is_complete":
                 executor.is_complete(str(request.get("code", "")))
+            elif op == "reseed":    # restored from the warm kernel snapshot: numbers of its own
+                import random
+                random.seed()
         except KeyboardInterrupt:
             continue  # an interrupt between cells
         except (OSError, ValueError):

@@ -179,7 +179,7 @@ class SmKernel:
         self.snapshot_parent: str | None = None  # the last snapshot of the running machine
         self.started = time.time()
         self._probe: dict | None = None
-        self._reseed_random = False     # the next probe also reseeds the guest's ``random``
+        self._reseed_random = False     # reseed the guest's ``random`` before the first cell
         self.start_note = ""            # how the guest and its kernel last started, for %sm status
         self._on_ready: list[Callable[[], None]] = []
         self._events: queue.Queue = queue.Queue()
@@ -308,7 +308,7 @@ class SmKernel:
             log.warning("starting cold: the kernel in the warm snapshot did not answer (%s)", error)
             return path, None
         # Every kernel from this snapshot would draw the same numbers from ``random``.
-        self._reseed_random = not saved.builtin
+        self._reseed_random = True
         return path, (guest, kernel)
 
     def _new_kernel(self, guest) -> GuestKernel:
@@ -351,6 +351,8 @@ class SmKernel:
             except Exception as error:  # noqa: BLE001 - the same path as a kernel that died
                 self.post("kernel_lost", generation, f"cannot reach the built-in executor: {_one_line(error)}")
                 return
+            if self._reseed_random:   # handled before any cell: one connection, in order
+                self.link.send(op="reseed")
             self._probe_answered()
             return
         self.link = GuestLink(self.context, self.guest, self.kernel, self.tmpdir, self.generation)

@@ -71,6 +71,20 @@ def test_interrupt_and_completion(kernel, kc):
     assert kc.get_shell_msg(timeout=REPLY_TIMEOUT)["content"]["status"] == "incomplete"
 
 
+@pytest.mark.parametrize("kernel", ["microvm"], indirect=True)   # only a VM has a warm snapshot
+def test_a_second_kernel_from_the_warm_snapshot_draws_its_own_random_numbers(kc):
+    code = "import os, random; print(os.getpid(), random.random())"
+    first = stdout_of(execute(kc, code)[1]).split()
+    km2, kc2 = start_new_kernel(kernel_name="sm-builtin-microvm", startup_timeout=STARTUP_TIMEOUT)
+    try:
+        second = stdout_of(execute(kc2, code)[1]).split()
+        assert second[0] == first[0]     # the very executor process, restored...
+        assert second[1] != first[1]     # ...with ``random`` reseeded
+    finally:
+        kc2.stop_channels()
+        km2.shutdown_kernel(now=True)
+
+
 def test_a_dead_executor_is_replaced(kc):
     execute(kc, "before = 1")
     reply, _ = execute(kc, "import os\nos.kill(os.getpid(), 9)")
