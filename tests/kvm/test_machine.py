@@ -195,7 +195,7 @@ def test_the_agent_comes_back_after_kill_9():
                 assert m.exec(["echo", "back"]).stdout == b"back\n"
                 break
             except AgentUnavailable:
-                assert time.monotonic() < deadline, "the agent did not come back"
+                assert time.monotonic() < deadline, f"the agent did not come back; console: {m.console[-3000:]}"
                 time.sleep(0.5)
         assert m.exec(["sh", "-c", "echo $PPID"]).stdout.strip().decode() != agent_pid
 
