@@ -49,6 +49,12 @@ def wait_until(condition, what: str, timeout: float = DEADLINE) -> None:
         time.sleep(0.25)
 
 
+def wait_until_inflated(machine) -> None:
+    """Until the balloon holds 90 % of its target (the guest's watermarks stop it a little short)."""
+    wait_until(lambda: machine.balloon.actual_mib >= 0.9 * machine.balloon.target_mib,
+               f"the balloon to reach {machine.balloon.target_mib} MiB")
+
+
 def hold_then_free(machine, mib: int) -> int:
     """Have the guest touch ``mib`` MiB and free it; returns host RSS while it was held."""
     stream = machine.exec_stream(["python3", "-c", HOLD.format(mib=mib)])
@@ -98,8 +104,7 @@ def test_inflate_releases_host_memory_and_deflate_gives_it_back(machine):
                f"host RSS to drop by {wanted / MIB:.0f} MiB from {peak / MIB:.0f} MiB with a "
                f"{machine.balloon.target_mib} MiB target (now {host_rss() / MIB:.0f} MiB, "
                f"balloon {machine.balloon.actual_mib} MiB)")
-    wait_until(lambda: machine.balloon.actual_mib >= 0.9 * machine.balloon.target_mib,
-               f"the balloon to reach {machine.balloon.target_mib} MiB")
+    wait_until_inflated(machine)
     assert counters.inflated_pages > inflated_before
     print(f"\ninflate: host RSS {peak / MIB:.0f} -> {host_rss() / MIB:.0f} MiB, balloon "
           f"{machine.balloon.actual_mib} MiB, {time.monotonic() - started:.1f} s; meanwhile "
@@ -115,8 +120,7 @@ def test_inflate_releases_host_memory_and_deflate_gives_it_back(machine):
 def test_deflate_on_oom_lets_an_allocation_win(machine):
     free_mib = machine.balloon.stats(timeout=30).free // MIB
     machine.balloon.target_mib = free_mib - 32
-    wait_until(lambda: machine.balloon.actual_mib >= 0.9 * machine.balloon.target_mib,
-               f"the balloon to reach {machine.balloon.target_mib} MiB")
+    wait_until_inflated(machine)
     inflated = machine.balloon.actual_mib
     hold_then_free(machine, 256)                         # more than the guest has left
     assert machine.balloon.actual_mib < inflated
@@ -152,8 +156,7 @@ def test_a_restored_machine_gives_pages_back_as_holes_in_its_next_snapshot(tmp_p
         wait_until(lambda: restored.balloon.stats(timeout=30).free > (held_mib + 64) * MIB,
                    f"the guest to free the {held_mib} MiB it held")
         restored.balloon.target_mib = restored.balloon.stats(timeout=30).free // MIB - 64
-        wait_until(lambda: restored.balloon.actual_mib >= 0.9 * restored.balloon.target_mib,
-                   f"the balloon to reach {restored.balloon.target_mib} MiB")
+        wait_until_inflated(restored)
         inflated_mib, target_mib = restored.balloon.actual_mib, restored.balloon.target_mib
         inflated = restored.snapshot(tmp_path / "inflated")  # the balloon may still grow a little
     print(f"\nsnapshot before {held.disk_bytes / MIB:.0f} MiB, after a {inflated_mib} MiB "
